@@ -1,0 +1,437 @@
+// CPU kernels of the asag ops: adversarial logits, batched log-domain Sinkhorn scaling and the
+// fused Sinkhorn attention (shared/METHOD.md sections 1 and 4).
+//
+// Work is split over (batch, head) slices when there are at least as many slices as threads,
+// else over row blocks of one slice at a time; either way each worker holds at most one
+// Nq x Nk fp32 block. One Sinkhorn iteration is one pass over that block: the row step's
+// exponentials also give the column sums of the next column step.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "asag/checks.h"
+#include "asag/sinkhorn_math.h"
+
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (GCC function multiversioning), so one wheel is fast everywhere without -march=native.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(ASAG_NO_CPU_CLONES)
+#define ASAG_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ASAG_CPU_CLONES
+#endif
+
+namespace asag {
+namespace cpu {
+namespace {
+
+using math::neg_inf;
+
+// ---------------------------------------------------------------------------------------
+// Row kernels. Each *_impl template is inlined into an fp32 function compiled per ISA and
+// an fp64 one (fp64 exists for tests; its speed does not matter).
+
+// Logit epilogue on a block of rows of L, which holds q k^T on entry.
+template <typename T>
+ASAG_INLINE void logits_rows_impl(T* L, int64_t r0, int64_t r1, int64_t nk, const T* rq,
+                                  const T* rk, T scale, T lam, T inv_tau, const T* bias,
+                                  int64_t bias_si, int64_t bias_sj, const bool* valid) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* row = L + i * nk;
+    const T rqi = rq[i];
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) {
+      row[j] = math::adversarial_logit(row[j], rqi, rk[j], scale, lam, inv_tau);
+    }
+    if (bias != nullptr) {
+      const T* brow = bias + i * bias_si;
+      for (int64_t j = 0; j < nk; ++j) row[j] = math::clamp_logit(row[j] + brow[j * bias_sj]);
+    }
+    if (valid != nullptr) {
+      for (int64_t j = 0; j < nk; ++j) row[j] = valid[j] ? row[j] : neg_inf<T>();
+    }
+  }
+}
+
+// Row steps on rows [r0, r1): f_i = -LSE_j(L_ij + g_j). When `col` is given, adds the
+// plan P_ij = exp(L_ij + g_j + f_i) to col[j]; when `write_plan`, stores P_ij in L.
+// `e` is a scratch row of nk values. A row with no reachable key gets P = 0, f = 0.
+template <typename T>
+ASAG_INLINE void row_steps_impl(T* L, int64_t r0, int64_t r1, int64_t nk, const T* g, T* f,
+                                T* e, T* col, bool write_plan) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* row = L + i * nk;
+    T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < nk; ++j) {
+      const T t = row[j] + g[j];
+      m = t > m ? t : m;
+    }
+    if (m == neg_inf<T>()) {
+      f[i] = T(0);
+      if (write_plan) std::fill(row, row + nk, T(0));
+      continue;
+    }
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < nk; ++j) {
+      const T x = math::exp_nonpositive(row[j] + g[j] - m);
+      e[j] = x;
+      s += x;
+    }
+    f[i] = math::row_potential(m, s);
+    const T inv_s = T(1) / s;
+    if (col != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) col[j] += e[j] * inv_s;
+    }
+    if (write_plan) {
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) row[j] = e[j] * inv_s;
+    }
+  }
+}
+
+// Exact log-domain column sums for the columns listed in `cols` (rare: only columns whose
+// plan mass underflowed). Pass 1 takes max_i(L_ij + f_i), pass 2 sums exp(L_ij + f_i - max).
+template <typename T>
+ASAG_INLINE void column_lse_rows_impl(const T* L, int64_t r0, int64_t r1, int64_t nk,
+                                      const T* f, const int64_t* cols, int64_t ncols,
+                                      const T* cmax, T* out) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* row = L + i * nk;
+    const T fi = f[i];
+    for (int64_t c = 0; c < ncols; ++c) {
+      const T x = row[cols[c]] + fi;
+      if (cmax == nullptr) {
+        out[c] = x > out[c] ? x : out[c];
+      } else if (cmax[c] != neg_inf<T>()) {
+        out[c] += math::exp_nonpositive(x - cmax[c]);
+      }
+    }
+  }
+}
+
+ASAG_CPU_CLONES void logits_rows(float* L, int64_t r0, int64_t r1, int64_t nk, const float* rq,
+                                 const float* rk, float scale, float lam, float inv_tau,
+                                 const float* bias, int64_t bias_si, int64_t bias_sj,
+                                 const bool* valid) {
+  logits_rows_impl(L, r0, r1, nk, rq, rk, scale, lam, inv_tau, bias, bias_si, bias_sj, valid);
+}
+void logits_rows(double* L, int64_t r0, int64_t r1, int64_t nk, const double* rq,
+                 const double* rk, double scale, double lam, double inv_tau, const double* bias,
+                 int64_t bias_si, int64_t bias_sj, const bool* valid) {
+  logits_rows_impl(L, r0, r1, nk, rq, rk, scale, lam, inv_tau, bias, bias_si, bias_sj, valid);
+}
+
+ASAG_CPU_CLONES void row_steps(float* L, int64_t r0, int64_t r1, int64_t nk, const float* g,
+                               float* f, float* e, float* col, bool write_plan) {
+  row_steps_impl(L, r0, r1, nk, g, f, e, col, write_plan);
+}
+void row_steps(double* L, int64_t r0, int64_t r1, int64_t nk, const double* g, double* f,
+               double* e, double* col, bool write_plan) {
+  row_steps_impl(L, r0, r1, nk, g, f, e, col, write_plan);
+}
+
+ASAG_CPU_CLONES void column_lse_rows(const float* L, int64_t r0, int64_t r1, int64_t nk,
+                                     const float* f, const int64_t* cols, int64_t ncols,
+                                     const float* cmax, float* out) {
+  column_lse_rows_impl(L, r0, r1, nk, f, cols, ncols, cmax, out);
+}
+void column_lse_rows(const double* L, int64_t r0, int64_t r1, int64_t nk, const double* f,
+                     const int64_t* cols, int64_t ncols, const double* cmax, double* out) {
+  column_lse_rows_impl(L, r0, r1, nk, f, cols, ncols, cmax, out);
+}
+
+// ---------------------------------------------------------------------------------------
+// Slice-level drivers.
+
+// Runs fn(begin, end, worker) over [0, n): in parallel row blocks, or as one block.
+template <typename F>
+void for_row_blocks(int64_t n, bool parallel, const F& fn) {
+  if (!parallel) {
+    fn(0, n, 0);
+    return;
+  }
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    fn(begin, end, at::get_thread_num());
+  });
+}
+
+int workers(bool parallel) { return parallel ? at::get_num_threads() : 1; }
+
+// Adds the per-worker partial rows of `parts` (workers x n) into its first row, with `op`.
+template <typename T, typename Op>
+void reduce_partials(std::vector<T>& parts, int64_t n, int nworkers, Op op) {
+  for (int w = 1; w < nworkers; ++w) {
+    for (int64_t j = 0; j < n; ++j) parts[j] = op(parts[j], parts[w * n + j]);
+  }
+}
+
+// Exact column update g_j = log(Nq/Nk) - LSE_i(L_ij + f_i) for the columns in `cols`.
+template <typename T>
+void exact_column_updates(const T* L, int64_t nq, int64_t nk, const T* f,
+                          const std::vector<int64_t>& cols, T* g, T log_marginal,
+                          bool parallel) {
+  const int64_t nc = static_cast<int64_t>(cols.size());
+  const int nw = workers(parallel);
+  std::vector<T> cmax(nw * nc, neg_inf<T>());
+  std::vector<T> csum(nw * nc, T(0));
+  for_row_blocks(nq, parallel, [&](int64_t r0, int64_t r1, int w) {
+    column_lse_rows(L, r0, r1, nk, f, cols.data(), nc, nullptr, cmax.data() + w * nc);
+  });
+  reduce_partials(cmax, nc, nw, [](T a, T b) { return a > b ? a : b; });
+  for_row_blocks(nq, parallel, [&](int64_t r0, int64_t r1, int w) {
+    column_lse_rows(L, r0, r1, nk, f, cols.data(), nc, cmax.data(), csum.data() + w * nc);
+  });
+  reduce_partials(csum, nc, nw, [](T a, T b) { return a + b; });
+  for (int64_t c = 0; c < nc; ++c) {
+    math::exact_column_update(g[cols[c]], cmax[c], csum[c], log_marginal);
+  }
+}
+
+// Turns the logits in L (nq x nk, row-major) into the Sinkhorn plan, in place.
+// `valid` (nk, or null) marks the keys that take part; masked keys must already be -inf in L.
+template <typename T>
+void sinkhorn_inplace(T* L, int64_t nq, int64_t nk, const bool* valid, int64_t iters,
+                      bool parallel) {
+  if (nq == 0 || nk == 0) return;
+  const int64_t nvalid = valid ? std::count(valid, valid + nk, true) : nk;
+  if (nvalid == 0) {
+    std::fill(L, L + nq * nk, T(0));
+    return;
+  }
+  const T log_marginal = std::log(T(nq) / T(nvalid));
+  const int nw = workers(parallel);
+  std::vector<T> g(nk, T(0)), f(nq), col(nw * nk), e(nw * nk);
+  std::vector<int64_t> tiny_columns;
+  for (int64_t it = 0;; ++it) {
+    const bool last = it == iters;  // the last step is a row step: rows sum to exactly 1
+    if (!last) std::fill(col.begin(), col.end(), T(0));
+    for_row_blocks(nq, parallel, [&](int64_t r0, int64_t r1, int w) {
+      row_steps(L, r0, r1, nk, g.data(), f.data(), e.data() + w * nk,
+                last ? nullptr : col.data() + w * nk, last);
+    });
+    if (last) break;
+    reduce_partials(col, nk, nw, [](T a, T b) { return a + b; });
+    tiny_columns.clear();
+    for (int64_t j = 0; j < nk; ++j) {
+      if (valid && !valid[j]) continue;
+      if (!math::column_update(g[j], col[j], log_marginal)) tiny_columns.push_back(j);
+    }
+    if (!tiny_columns.empty()) {
+      exact_column_updates(L, nq, nk, f.data(), tiny_columns, g.data(), log_marginal, parallel);
+    }
+  }
+}
+
+// Everything one slice of an attention or logits call needs, in the accumulation type.
+template <typename T>
+struct AttentionArgs {
+  at::Tensor q, k, v;       // (S, N, D) contiguous, accumulation dtype
+  at::Tensor out;           // (S, Nq, Dv) accumulation dtype, or undefined (logits only)
+  int64_t heads = 1;
+  T scale, lam, inv_tau;
+  const T* bias = nullptr;  // expanded (B, H, Nq, Nk) view
+  int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
+  const bool* key_mask = nullptr;  // (B, Nk) contiguous
+};
+
+// L (Nq x Nk) <- adversarial logits of slice s, with bias and key mask applied.
+template <typename T>
+void slice_logits(const AttentionArgs<T>& a, int64_t s, at::Tensor& L, bool parallel) {
+  const at::Tensor qs = a.q[s], ks = a.k[s];
+  const int64_t nq = qs.size(0), nk = ks.size(0), d = qs.size(1);
+  at::mm_out(L, qs, ks.t());
+  std::vector<T> rq(nq), rk(nk);
+  const T* qp = qs.data_ptr<T>();
+  const T* kp = ks.data_ptr<T>();
+  auto norms = [d](const T* x, int64_t n, T* r) {
+    for (int64_t i = 0; i < n; ++i) {
+      T ss = 0;
+      for (int64_t c = 0; c < d; ++c) ss += x[i * d + c] * x[i * d + c];
+      r[i] = math::inverse_norm(ss);
+    }
+  };
+  norms(qp, nq, rq.data());
+  norms(kp, nk, rk.data());
+  const int64_t b = s / a.heads, h = s % a.heads;
+  const T* bias = a.bias ? a.bias + b * a.bias_sb + h * a.bias_sh : nullptr;
+  const bool* valid = a.key_mask ? a.key_mask + b * nk : nullptr;
+  T* Lp = L.data_ptr<T>();
+  for_row_blocks(nq, parallel, [&](int64_t r0, int64_t r1, int) {
+    logits_rows(Lp, r0, r1, nk, rq.data(), rk.data(), a.scale, a.lam, a.inv_tau, bias,
+                a.bias_si, a.bias_sj, valid);
+  });
+}
+
+// Calls fn(s, L, parallel) for every slice, with one Nq x Nk buffer per worker. With at least
+// as many slices as threads, slices run in parallel; otherwise each slice uses all threads.
+// `own_buffer(s)` may return the output's own slice to write into instead of a buffer.
+template <typename T, typename F, typename B>
+void for_slices(int64_t S, int64_t nq, int64_t nk, const F& fn, const B& own_buffer) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto run = [&](int64_t s0, int64_t s1, bool parallel) {
+    at::Tensor buffer;
+    for (int64_t s = s0; s < s1; ++s) {
+      at::Tensor L = own_buffer(s);
+      if (!L.defined()) {
+        if (!buffer.defined()) buffer = at::empty({nq, nk}, opts);
+        L = buffer;
+      }
+      fn(s, L, parallel);
+    }
+  };
+  if (S >= at::get_num_threads()) {
+    at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) { run(s0, s1, false); });
+  } else {
+    run(0, S, true);
+  }
+}
+
+// Converts an attention bias to the accumulation dtype (bool: True keeps, False masks) and
+// expands it to (B, H, Nq, Nk) without copying.
+at::Tensor prepare_bias(const at::Tensor& bias, at::ScalarType acc, at::IntArrayRef shape) {
+  at::Tensor b;
+  if (bias.scalar_type() == at::kBool) {
+    b = at::where(bias, at::zeros({}, bias.options().dtype(acc)),
+                  at::full({}, -std::numeric_limits<double>::infinity(),
+                           bias.options().dtype(acc)));
+  } else {
+    b = bias.to(acc);
+  }
+  return b.expand(shape);
+}
+
+at::ScalarType accumulation_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+AttentionArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           double lam, double tau, double scale, at::ScalarType acc,
+                           const at::Tensor& bias, const at::Tensor& key_mask) {
+  AttentionArgs<T> a;
+  const int64_t B = q.size(0), H = q.size(1);
+  a.heads = H;
+  a.q = q.to(acc).contiguous().view({B * H, q.size(2), q.size(3)});
+  a.k = k.to(acc).contiguous().view({B * H, k.size(2), k.size(3)});
+  if (v.defined()) a.v = v.to(acc).contiguous().view({B * H, v.size(2), v.size(3)});
+  a.scale = T(scale);
+  a.lam = T(lam);
+  a.inv_tau = T(1.0 / tau);
+  if (bias.defined()) {
+    a.bias = bias.data_ptr<T>();
+    a.bias_sb = bias.stride(0);
+    a.bias_sh = bias.stride(1);
+    a.bias_si = bias.stride(2);
+    a.bias_sj = bias.stride(3);
+  }
+  if (key_mask.defined()) a.key_mask = key_mask.data_ptr<bool>();
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------
+// The ops.
+
+at::Tensor adversarial_logits_cpu(const at::Tensor& q, const at::Tensor& k, double lam,
+                                  double tau, double scale) {
+  check_qk(q, k);
+  check_params(lam, tau, scale);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2);
+  at::Tensor out = at::empty({B, H, nq, nk}, q.options().dtype(acc));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(acc, "asag_adversarial_logits_cpu", [&] {
+    auto a = make_args<scalar_t>(q, k, at::Tensor(), lam, tau, scale, acc, at::Tensor(),
+                                 at::Tensor());
+    at::Tensor out3 = out.view({B * H, nq, nk});
+    for_slices<scalar_t>(
+        B * H, nq, nk,
+        [&](int64_t s, at::Tensor& L, bool parallel) { slice_logits(a, s, L, parallel); },
+        [&](int64_t s) { return out3[s]; });
+  });
+  return out;
+}
+
+at::Tensor sinkhorn_cpu(const at::Tensor& logits, int64_t iters,
+                        const c10::optional<at::Tensor>& key_mask) {
+  check_sinkhorn(logits, key_mask);
+  check_iters(iters);
+  const auto acc = accumulation_dtype(logits.scalar_type());
+  const int64_t nq = logits.size(-2), nk = logits.size(-1);
+  at::Tensor plan = at::empty(logits.sizes(), logits.options().dtype(acc));
+  if (plan.numel() == 0) return plan.to(logits.scalar_type());
+  plan.copy_(logits);
+  const int64_t S = plan.numel() / (nq * nk);
+  at::Tensor mask;
+  if (key_mask.has_value()) {
+    std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 2);
+    shape.push_back(nk);
+    mask = key_mask->expand(shape).contiguous().view({S, nk});
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_cpu", [&] {
+    at::Tensor plan3 = plan.view({S, nq, nk});
+    for_slices<scalar_t>(
+        S, nq, nk,
+        [&](int64_t s, at::Tensor& L, bool parallel) {
+          const bool* valid = mask.defined() ? mask.data_ptr<bool>() + s * nk : nullptr;
+          scalar_t* Lp = L.data_ptr<scalar_t>();
+          if (valid) {  // masked keys take no part: -inf logits
+            for (int64_t i = 0; i < nq; ++i)
+              for (int64_t j = 0; j < nk; ++j)
+                if (!valid[j]) Lp[i * nk + j] = neg_inf<scalar_t>();
+          }
+          sinkhorn_inplace(Lp, nq, nk, valid, iters, parallel);
+        },
+        [&](int64_t s) { return plan3[s]; });
+  });
+  return plan.to(logits.scalar_type());
+}
+
+at::Tensor sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  double lam, int64_t iters, double tau, double scale,
+                                  const c10::optional<at::Tensor>& key_mask,
+                                  const c10::optional<at::Tensor>& attn_bias) {
+  check_attention(q, k, v, key_mask, attn_bias);
+  check_params(lam, tau, scale);
+  check_iters(iters);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2), dv = v.size(3);
+  at::Tensor out = at::zeros({B, H, nq, dv}, q.options().dtype(acc));
+  if (out.numel() == 0 || nk == 0) return out.to(q.scalar_type());
+  at::Tensor bias, mask;
+  if (attn_bias.has_value()) bias = prepare_bias(*attn_bias, acc, {B, H, nq, nk});
+  if (key_mask.has_value()) mask = key_mask->contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_attention_cpu", [&] {
+    auto a = make_args<scalar_t>(q, k, v, lam, tau, scale, acc, bias, mask);
+    at::Tensor out3 = out.view({B * H, nq, dv});
+    for_slices<scalar_t>(
+        B * H, nq, nk,
+        [&](int64_t s, at::Tensor& L, bool parallel) {
+          slice_logits(a, s, L, parallel);
+          const bool* valid = a.key_mask ? a.key_mask + (s / H) * nk : nullptr;
+          sinkhorn_inplace(L.data_ptr<scalar_t>(), nq, nk, valid, iters, parallel);
+          at::Tensor o = out3[s];
+          at::mm_out(o, L, a.v[s]);
+        },
+        [](int64_t) { return at::Tensor(); });
+  });
+  return out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(asag, CPU, m) {
+  m.impl("adversarial_logits", &adversarial_logits_cpu);
+  m.impl("sinkhorn", &sinkhorn_cpu);
+  m.impl("sinkhorn_attention", &sinkhorn_attention_cpu);
+}
+
+}  // namespace cpu
+}  // namespace asag
