@@ -90,6 +90,24 @@ def _want_cuda(cuda_sources):
     return not reasons, "; ".join(reasons)
 
 
+def _cuda_library_headers(home):
+    """A folder with the CUDA library headers (cuSPARSE, cuBLAS, cuSOLVER...) that ATen's CUDA
+    headers include but a minimal toolkit lacks, linked from pip's nvidia-* wheels that torch
+    depends on. Only missing headers are linked, so the toolkit's own runtime headers win."""
+    have = set(os.listdir(os.path.join(home, "include")))
+    if "cusparse.h" in have:
+        return []
+    site_dir = os.path.dirname(os.path.dirname(torch.__file__))
+    extra = os.path.join(ROOT, "build", "cuda_library_headers")
+    os.makedirs(extra, exist_ok=True)
+    for folder in sorted(glob.glob(os.path.join(site_dir, "nvidia", "*", "include"))):
+        for name in os.listdir(folder):
+            link = os.path.join(extra, name)
+            if name not in have and not os.path.lexists(link):
+                os.symlink(os.path.join(folder, name), link)
+    return [extra]
+
+
 def _extension():
     debug = _flag("DEBUG")
     cpu_sources = ["csrc/asag.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -120,6 +138,7 @@ def _extension():
     nvcc.append(f"--threads={os.environ.get('NVCC_THREADS', '2')}")
     print(f"asag: building the CPU and CUDA kernels for archs {archs}")
     args["sources"] = cpu_sources + cuda_sources
+    args["include_dirs"] += _cuda_library_headers(os.environ["CUDA_HOME"])
     return CUDAExtension(extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}, **args)
 
 

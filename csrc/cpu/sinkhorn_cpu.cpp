@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "asag/checks.h"
+#include "asag/op_common.h"
 #include "asag/sinkhorn_math.h"
 
 // The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
@@ -294,24 +295,6 @@ void for_slices(int64_t S, int64_t nq, int64_t nk, const F& fn, const B& own_buf
   }
 }
 
-// Converts an attention bias to the accumulation dtype (bool: True keeps, False masks) and
-// expands it to (B, H, Nq, Nk) without copying.
-at::Tensor prepare_bias(const at::Tensor& bias, at::ScalarType acc, at::IntArrayRef shape) {
-  at::Tensor b;
-  if (bias.scalar_type() == at::kBool) {
-    b = at::where(bias, at::zeros({}, bias.options().dtype(acc)),
-                  at::full({}, -std::numeric_limits<double>::infinity(),
-                           bias.options().dtype(acc)));
-  } else {
-    b = bias.to(acc);
-  }
-  return b.expand(shape);
-}
-
-at::ScalarType accumulation_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 template <typename T>
 AttentionArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            double lam, double tau, double scale, at::ScalarType acc,
@@ -343,6 +326,7 @@ at::Tensor adversarial_logits_cpu(const at::Tensor& q, const at::Tensor& k, doub
                                   double tau, double scale) {
   check_qk(q, k);
   check_params(lam, tau, scale);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal at:: calls are not traced
   const auto acc = accumulation_dtype(q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2);
   at::Tensor out = at::empty({B, H, nq, nk}, q.options().dtype(acc));
@@ -363,6 +347,7 @@ at::Tensor sinkhorn_cpu(const at::Tensor& logits, int64_t iters,
                         const c10::optional<at::Tensor>& key_mask) {
   check_sinkhorn(logits, key_mask);
   check_iters(iters);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulation_dtype(logits.scalar_type());
   const int64_t nq = logits.size(-2), nk = logits.size(-1);
   at::Tensor plan = at::empty(logits.sizes(), logits.options().dtype(acc));
@@ -401,6 +386,7 @@ at::Tensor sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k, cons
   check_attention(q, k, v, key_mask, attn_bias);
   check_params(lam, tau, scale);
   check_iters(iters);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulation_dtype(q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2), dv = v.size(3);
   at::Tensor out = at::zeros({B, H, nq, dv}, q.options().dtype(acc));

@@ -142,5 +142,17 @@ ASAG_HOST_DEVICE ASAG_INLINE void exact_column_update(T& g, T col_max, T col_sum
   g = log_marginal - (col_max + std::log(col_sum));
 }
 
+// Online log-sum-exp: folds x into a running (max, sum of exp(. - max)); -inf adds nothing.
+template <typename T>
+ASAG_HOST_DEVICE ASAG_INLINE void lse_accumulate(T& run_max, T& run_sum, T x) {
+  if (x == neg_inf<T>()) return;
+  if (x > run_max) {
+    run_sum = run_sum * exp_nonpositive(run_max - x) + T(1);
+    run_max = x;
+  } else {
+    run_sum += exp_nonpositive(x - run_max);
+  }
+}
+
 }  // namespace math
 }  // namespace asag

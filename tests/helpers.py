@@ -1,0 +1,45 @@
+"""Shared test helpers: seeded inputs, the float64 reference, error yardsticks."""
+
+import pytest
+import torch
+
+import asag
+from asag.ops import reference
+
+requires_kernel = pytest.mark.skipif(
+    not asag.build_info()["extension"],
+    reason=f"asag._C not available: {asag.build_info()['unavailable_reason']}",
+)
+
+ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def make_qkv(b, h, nq, nk, d, dv=None, dtype=torch.float32, seed=0, std=1.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    q = torch.randn(b, h, nq, d, generator=g) * std
+    k = torch.randn(b, h, nk, d, generator=g) * std
+    v = torch.randn(b, h, nk, dv, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def random_key_mask(b, nk, seed=0, p_valid=0.7):
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(b, nk, generator=g) < p_valid
+    mask[:, 0] = True  # keep one valid key per row unless a test wants none
+    return mask
+
+
+def reference64(q, k, v, **kw):
+    """The float64 evaluation of METHOD.md section 1: the ground truth."""
+    bias = kw.pop("attn_bias", None)
+    if bias is not None and bias.dtype != torch.bool:
+        bias = bias.double()
+    return reference.sinkhorn_attention(
+        q.double(), k.double(), v.double(), attn_bias=bias, **kw
+    )
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
