@@ -168,9 +168,13 @@ def run(args):
                     if not name.startswith("SDPA"):
                         err = (fn(*small).double() - truth).abs().max().item()
                         assert err < 1e-4, f"{name} is wrong before timing: error {err}"
-                    seconds, peak = measure(lambda: fn(q, k, v), device, args.repeats)
-                    results[name] = (seconds, peak)
-                kernel_s = results["asag kernel"][0]
+                    try:
+                        results[name] = measure(lambda: fn(q, k, v), device, args.repeats)
+                    except (torch.OutOfMemoryError, MemoryError) as error:
+                        print(f"| {n} | {bh} | {iters} | {name} | out of memory: {str(error)[:80]} |")
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                kernel_s = results.get("asag kernel", (float("nan"), None))[0]
                 for name, (seconds, peak) in results.items():
                     row = dict(
                         device=device.type, n=n, bh=bh, d=args.d, iters=iters, method=name,
@@ -181,8 +185,10 @@ def run(args):
                     if name != "SDPA (softmax only)":
                         # the exp floor: (iters + 1) exponentials per logit at torch.exp's rate
                         row["exp_floor_ms"] = (iters + 1) * logits / rate * 1e3
-                        # the memory floor: read the fp32 logits once per iteration, plus once
-                        row["memory_floor_ms"] = (iters + 2) * logits * 4 / bandwidth * 1e3
+                        # the memory floor: the fp32 logits written once, read once per row
+                        # step, the plan written once, at the measured copy bandwidth
+                        row["bytes"] = (iters + 3) * logits * 4
+                        row["memory_floor_ms"] = row["bytes"] / bandwidth * 1e3
                     rows.append(row)
                     print(_format_row(row), flush=True)
     return header, rows
@@ -192,16 +198,23 @@ def run(args):
 # Output
 
 
-COLUMNS = ["N", "B*H", "iters", "method", "time (ms)", "vs kernel", "peak mem (MB)", "exp floor (ms)"]
+def _columns(device):
+    floor = ["exp floor (ms)", "time / floor"] if device == "cpu" else ["memory floor (ms)", "time / floor", "GB/s"]
+    return ["N", "B*H", "iters", "method", "time (ms)", "vs kernel", "peak mem (MB)"] + floor
 
 
 def _format_row(row):
     peak = "n/a" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}"
-    floor = f"{row['exp_floor_ms']:.0f}" if "exp_floor_ms" in row else ""
-    return (
-        f"| {row['n']} | {row['bh']} | {row['iters']} | {row['method']} | {row['ms']:.1f} | "
-        f"{row['kernel_speedup']:.2f}x | {peak} | {floor} |"
-    )
+    cells = [row["n"], row["bh"], row["iters"], row["method"], f"{row['ms']:.1f}",
+             f"{row['kernel_speedup']:.2f}x", peak]
+    key = "exp_floor_ms" if row["device"] == "cpu" else "memory_floor_ms"
+    if key in row:
+        cells += [f"{row[key]:.1f}", f"{row['ms'] / row[key]:.2f}"]
+        if row["device"] != "cpu":
+            cells.append(f"{row['bytes'] / (row['ms'] / 1e3) / 1e9:.0f}")
+    else:
+        cells += [""] * (len(_columns(row["device"])) - len(cells))
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def write(header, rows, out_prefix):
@@ -215,12 +228,16 @@ def write(header, rows, out_prefix):
         f.write("Measured with `python benchmarks/bench_ops.py " + " ".join(sys.argv[1:]) + "`\n\n")
         for line in header:
             f.write(f"- {line}\n")
-        f.write("\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
+        columns = _columns(rows[0]["device"] if rows else "cpu")
+        f.write("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
         for row in rows:
             f.write(_format_row(row) + "\n")
         f.write(
-            "\n`vs kernel`: the method's time over the asag kernel's, same run. `exp floor`: "
-            "(iters + 1) exponentials per logit at torch.exp's measured rate.\n"
+            "\n`vs kernel`: the method's time over the asag kernel's, same run. `exp floor` (CPU): "
+            "(iters + 1) exponentials per logit at torch.exp's measured rate. `memory floor` "
+            "(GPU): the bytes a materialised Sinkhorn must move ((iters + 3) x 4 bytes per "
+            "logit) at the measured copy bandwidth; `GB/s` is those bytes over the time. "
+            "`time / floor` includes the two matrix products, which the floors leave out.\n"
         )
     print(f"wrote {out_prefix}.csv and {out_prefix}.md")
 

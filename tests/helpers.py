@@ -14,6 +14,27 @@ requires_kernel = pytest.mark.skipif(
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
+# (B, H, Nq, Nk, D, Dv): awkward N (1, 7, 97, 1025), head dims 40, 64, 72, 128, Nq != Nk.
+AWKWARD_SHAPES = [
+    (1, 1, 1, 1, 40, 40),
+    (2, 3, 7, 7, 64, 64),
+    (1, 2, 97, 7, 72, 40),
+    (2, 1, 7, 97, 128, 72),
+    (1, 2, 97, 97, 40, 64),
+    (1, 1, 1025, 97, 64, 64),
+    (1, 1, 97, 1025, 72, 128),
+    (1, 1, 1, 1025, 64, 16),
+]
+PARAMS = [dict(lam=0.0, iters=0), dict(lam=1.5, iters=3), dict(lam=4.0, iters=10, tau=0.7)]
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def params_id(params):
+    return f"lam{params['lam']}-it{params['iters']}"
+
 
 def make_qkv(b, h, nq, nk, d, dv=None, dtype=torch.float32, seed=0, std=1.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)

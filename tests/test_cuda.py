@@ -6,7 +6,17 @@ import torch
 
 import asag
 from asag.ops import reference
-from helpers import HALF_DTYPES, make_qkv, max_err, random_key_mask, reference64
+from helpers import (
+    AWKWARD_SHAPES,
+    HALF_DTYPES,
+    PARAMS,
+    make_qkv,
+    max_err,
+    params_id,
+    random_key_mask,
+    reference64,
+    shape_id,
+)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
@@ -15,26 +25,19 @@ pytestmark = [
     ),
 ]
 
-SHAPES = [
-    (1, 1, 1, 1, 40, 40),
-    (2, 3, 7, 7, 64, 64),
-    (1, 2, 97, 7, 72, 40),
-    (2, 1, 7, 97, 128, 72),
-    (1, 1, 1025, 97, 64, 64),
-    (1, 1, 97, 1025, 72, 128),
+SHAPES = AWKWARD_SHAPES + [
     (2, 4, 333, 257, 64, 64),
     (1, 2, 64, 20000, 64, 64),  # Nk past the shared-memory row cache
     (1, 1, 8, 70000, 16, 16),  # Nk past the shared-memory column partials
 ]
-PARAMS = [dict(lam=0.0, iters=0), dict(lam=1.5, iters=3), dict(lam=4.0, iters=10, tau=0.7)]
 
 
 def _scale(q):
     return q.shape[-1] ** -0.5
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"lam{p['lam']}-it{p['iters']}")
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("params", PARAMS, ids=params_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cuda_matches_float64_and_cpu(shape, params, dtype):
     q, k, v = make_qkv(*shape, dtype=dtype, seed=sum(shape))
@@ -48,7 +51,7 @@ def test_cuda_matches_float64_and_cpu(shape, params, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES[:7], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES[:9], ids=shape_id)
 def test_cuda_half_precision(dtype, shape):
     params = dict(lam=2.0, iters=5)
     q, k, v = make_qkv(*shape, dtype=dtype, seed=3)

@@ -8,29 +8,19 @@ import asag
 from asag.ops import reference
 from helpers import (
     ALL_DTYPES,
+    AWKWARD_SHAPES,
     HALF_DTYPES,
+    PARAMS,
     make_qkv,
+    params_id,
     max_err,
     random_key_mask,
     reference64,
     requires_kernel,
+    shape_id,
 )
 
 pytestmark = requires_kernel
-
-# (B, H, Nq, Nk, D, Dv): awkward N (1, 7, 97, 1025), head dims 40, 64, 72, 128, Nq != Nk.
-SHAPES = [
-    (1, 1, 1, 1, 40, 40),
-    (2, 3, 7, 7, 64, 64),
-    (1, 2, 97, 7, 72, 40),
-    (2, 1, 7, 97, 128, 72),
-    (1, 2, 97, 97, 40, 64),
-    (1, 1, 1025, 97, 64, 64),
-    (1, 1, 97, 1025, 72, 128),
-    (1, 1, 1, 1025, 64, 16),
-]
-PARAMS = [dict(lam=0.0, iters=0), dict(lam=1.5, iters=3), dict(lam=4.0, iters=10, tau=0.7)]
-
 
 def _scale(q):
     return q.shape[-1] ** -0.5
@@ -42,8 +32,8 @@ def _fp_tolerance(dtype, ref):
     return rel * (1.0 + ref.abs().max().item())
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"lam{p['lam']}-it{p['iters']}")
+@pytest.mark.parametrize("shape", AWKWARD_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("params", PARAMS, ids=params_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_attention_matches_float64(shape, params, dtype):
     q, k, v = make_qkv(*shape, dtype=dtype, seed=sum(shape))
@@ -55,7 +45,7 @@ def test_attention_matches_float64(shape, params, dtype):
     assert max_err(torch_ref, ref) <= _fp_tolerance(dtype, ref)
 
 
-@pytest.mark.parametrize("shape", SHAPES[:6], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", AWKWARD_SHAPES[:6], ids=shape_id)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_half_precision_error_at_most_twice_pytorch(shape, dtype):
     """Kernel error vs float64 <= 2x the error of the same maths run by PyTorch in that

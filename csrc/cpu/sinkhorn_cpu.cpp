@@ -240,7 +240,7 @@ struct AttentionArgs {
   T scale, lam, inv_tau;
   const T* bias = nullptr;  // expanded (B, H, Nq, Nk) view
   int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
-  const bool* key_mask = nullptr;  // (B, Nk) contiguous
+  const bool* key_mask = nullptr;  // (S, Nk) contiguous
 };
 
 // L (Nq x Nk) <- adversarial logits of slice s, with bias and key mask applied.
@@ -263,7 +263,7 @@ void slice_logits(const AttentionArgs<T>& a, int64_t s, at::Tensor& L, bool para
   norms(kp, nk, rk.data());
   const int64_t b = s / a.heads, h = s % a.heads;
   const T* bias = a.bias ? a.bias + b * a.bias_sb + h * a.bias_sh : nullptr;
-  const bool* valid = a.key_mask ? a.key_mask + b * nk : nullptr;
+  const bool* valid = a.key_mask ? a.key_mask + s * nk : nullptr;
   T* Lp = L.data_ptr<T>();
   for_row_blocks(nq, parallel, [&](int64_t r0, int64_t r1, int) {
     logits_rows(Lp, r0, r1, nk, rq.data(), rk.data(), a.scale, a.lam, a.inv_tau, bias,
@@ -324,8 +324,7 @@ AttentionArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::T
 
 at::Tensor adversarial_logits_cpu(const at::Tensor& q, const at::Tensor& k, double lam,
                                   double tau, double scale) {
-  check_qk(q, k);
-  check_params(lam, tau, scale);
+  check_logits_call(q, k, lam, tau, scale);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal at:: calls are not traced
   const auto acc = accumulation_dtype(q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2);
@@ -345,47 +344,28 @@ at::Tensor adversarial_logits_cpu(const at::Tensor& q, const at::Tensor& k, doub
 
 at::Tensor sinkhorn_cpu(const at::Tensor& logits, int64_t iters,
                         const c10::optional<at::Tensor>& key_mask) {
-  check_sinkhorn(logits, key_mask);
-  check_iters(iters);
+  check_sinkhorn_call(logits, iters, key_mask);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto acc = accumulation_dtype(logits.scalar_type());
+  SinkhornInput in = sinkhorn_input(logits, key_mask);
+  if (in.slices == 0) return in.plan.to(logits.scalar_type());
   const int64_t nq = logits.size(-2), nk = logits.size(-1);
-  at::Tensor plan = at::empty(logits.sizes(), logits.options().dtype(acc));
-  if (plan.numel() == 0) return plan.to(logits.scalar_type());
-  plan.copy_(logits);
-  const int64_t S = plan.numel() / (nq * nk);
-  at::Tensor mask;
-  if (key_mask.has_value()) {
-    std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 2);
-    shape.push_back(nk);
-    mask = key_mask->expand(shape).contiguous().view({S, nk});
-  }
-  AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_cpu", [&] {
-    at::Tensor plan3 = plan.view({S, nq, nk});
+  AT_DISPATCH_FLOATING_TYPES(in.plan.scalar_type(), "asag_sinkhorn_cpu", [&] {
     for_slices<scalar_t>(
-        S, nq, nk,
+        in.slices, nq, nk,
         [&](int64_t s, at::Tensor& L, bool parallel) {
-          const bool* valid = mask.defined() ? mask.data_ptr<bool>() + s * nk : nullptr;
-          scalar_t* Lp = L.data_ptr<scalar_t>();
-          if (valid) {  // masked keys take no part: -inf logits
-            for (int64_t i = 0; i < nq; ++i)
-              for (int64_t j = 0; j < nk; ++j)
-                if (!valid[j]) Lp[i * nk + j] = neg_inf<scalar_t>();
-          }
-          sinkhorn_inplace(Lp, nq, nk, valid, iters, parallel);
+          const bool* valid = in.mask.defined() ? in.mask.data_ptr<bool>() + s * nk : nullptr;
+          sinkhorn_inplace(L.data_ptr<scalar_t>(), nq, nk, valid, iters, parallel);
         },
-        [&](int64_t s) { return plan3[s]; });
+        [&](int64_t s) { return in.plan3[s]; });
   });
-  return plan.to(logits.scalar_type());
+  return in.plan.to(logits.scalar_type());
 }
 
 at::Tensor sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   double lam, int64_t iters, double tau, double scale,
                                   const c10::optional<at::Tensor>& key_mask,
                                   const c10::optional<at::Tensor>& attn_bias) {
-  check_attention(q, k, v, key_mask, attn_bias);
-  check_params(lam, tau, scale);
-  check_iters(iters);
+  check_attention_call(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulation_dtype(q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2), dv = v.size(3);
@@ -393,7 +373,7 @@ at::Tensor sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k, cons
   if (out.numel() == 0 || nk == 0) return out.to(q.scalar_type());
   at::Tensor bias, mask;
   if (attn_bias.has_value()) bias = prepare_bias(*attn_bias, acc, {B, H, nq, nk});
-  if (key_mask.has_value()) mask = key_mask->contiguous();
+  mask = slice_key_mask(key_mask, H);
   AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_attention_cpu", [&] {
     auto a = make_args<scalar_t>(q, k, v, lam, tau, scale, acc, bias, mask);
     at::Tensor out3 = out.view({B * H, nq, dv});
@@ -401,7 +381,7 @@ at::Tensor sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k, cons
         B * H, nq, nk,
         [&](int64_t s, at::Tensor& L, bool parallel) {
           slice_logits(a, s, L, parallel);
-          const bool* valid = a.key_mask ? a.key_mask + (s / H) * nk : nullptr;
+          const bool* valid = a.key_mask ? a.key_mask + s * nk : nullptr;
           sinkhorn_inplace(L.data_ptr<scalar_t>(), nq, nk, valid, iters, parallel);
           at::Tensor o = out3[s];
           at::mm_out(o, L, a.v[s]);

@@ -343,8 +343,7 @@ void chunk_logits(at::Tensor& L, const at::Tensor& q3, const at::Tensor& k3, int
 
 at::Tensor adversarial_logits_cuda(const at::Tensor& q, const at::Tensor& k, double lam,
                                    double tau, double scale) {
-  check_qk(q, k);
-  check_params(lam, tau, scale);
+  check_logits_call(q, k, lam, tau, scale);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulation_dtype(q.scalar_type());
@@ -366,44 +365,30 @@ at::Tensor adversarial_logits_cuda(const at::Tensor& q, const at::Tensor& k, dou
 
 at::Tensor sinkhorn_cuda(const at::Tensor& logits, int64_t iters,
                          const c10::optional<at::Tensor>& key_mask) {
-  check_sinkhorn(logits, key_mask);
-  check_iters(iters);
+  check_sinkhorn_call(logits, iters, key_mask);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto acc = accumulation_dtype(logits.scalar_type());
-  const int64_t nq = logits.size(-2), nk = logits.size(-1);
-  at::Tensor plan = at::empty(logits.sizes(), logits.options().dtype(acc));
-  if (plan.numel() == 0) return plan.to(logits.scalar_type());
-  plan.copy_(logits);
-  const int64_t S = plan.numel() / (nq * nk);
-  at::Tensor plan3 = plan.view({S, nq, nk});
-  at::Tensor mask;
-  if (key_mask.has_value()) {
-    std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 2);
-    shape.push_back(nk);
-    mask = key_mask->expand(shape).contiguous().view({S, nk});
-    plan3.masked_fill_(mask.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity());
-  }
-  const at::Tensor lm = log_marginals(mask, S, nq, nk, plan.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_cuda", [&] {
+  SinkhornInput in = sinkhorn_input(logits, key_mask);
+  if (in.slices == 0) return in.plan.to(logits.scalar_type());
+  const int64_t nq = logits.size(-2), nk = logits.size(-1), S = in.slices;
+  const at::Tensor lm = log_marginals(in.mask, S, nq, nk, in.plan.options());
+  AT_DISPATCH_FLOATING_TYPES(in.plan.scalar_type(), "asag_sinkhorn_cuda", [&] {
     const int64_t chunk = slices_per_chunk(S, sinkhorn_workspace_bytes<scalar_t>(nq, nk));
     for (int64_t s0 = 0; s0 < S; s0 += chunk) {
       const int64_t c = std::min(chunk, S - s0);
-      sinkhorn_chunk<scalar_t>(plan3[s0].data_ptr<scalar_t>(), c, s0, nq, nk,
-                               mask.defined() ? mask.data_ptr<bool>() : nullptr,
-                               lm.data_ptr<scalar_t>(), iters, plan.options());
+      sinkhorn_chunk<scalar_t>(in.plan3[s0].data_ptr<scalar_t>(), c, s0, nq, nk,
+                               in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr,
+                               lm.data_ptr<scalar_t>(), iters, in.plan.options());
     }
   });
-  return plan.to(logits.scalar_type());
+  return in.plan.to(logits.scalar_type());
 }
 
 at::Tensor sinkhorn_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    double lam, int64_t iters, double tau, double scale,
                                    const c10::optional<at::Tensor>& key_mask,
                                    const c10::optional<at::Tensor>& attn_bias) {
-  check_attention(q, k, v, key_mask, attn_bias);
-  check_params(lam, tau, scale);
-  check_iters(iters);
+  check_attention_call(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulation_dtype(q.scalar_type());
@@ -414,7 +399,7 @@ at::Tensor sinkhorn_attention_cuda(const at::Tensor& q, const at::Tensor& k, con
   const auto opts = q.options().dtype(acc);
   at::Tensor bias, mask;
   if (attn_bias.has_value()) bias = prepare_bias(*attn_bias, acc, {B, H, nq, nk});
-  if (key_mask.has_value()) mask = key_mask->repeat_interleave(H, 0).contiguous();  // (S, Nk)
+  mask = slice_key_mask(key_mask, H);  // (S, Nk)
   const at::Tensor lm = log_marginals(mask, S, nq, nk, opts);
   const NoTF32 full_fp32;
   AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_attention_cuda", [&] {

@@ -96,4 +96,26 @@ inline void check_sinkhorn(const at::Tensor& logits, const c10::optional<at::Ten
   }
 }
 
+// Every check of one call of each op (the kernels of every device start with these).
+inline void check_logits_call(const at::Tensor& q, const at::Tensor& k, double lam, double tau,
+                              double scale) {
+  check_qk(q, k);
+  check_params(lam, tau, scale);
+}
+
+inline void check_sinkhorn_call(const at::Tensor& logits, int64_t iters,
+                                const c10::optional<at::Tensor>& key_mask) {
+  check_sinkhorn(logits, key_mask);
+  check_iters(iters);
+}
+
+inline void check_attention_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 double lam, int64_t iters, double tau, double scale,
+                                 const c10::optional<at::Tensor>& key_mask,
+                                 const c10::optional<at::Tensor>& attn_bias) {
+  check_attention(q, k, v, key_mask, attn_bias);
+  check_params(lam, tau, scale);
+  check_iters(iters);
+}
+
 }  // namespace asag

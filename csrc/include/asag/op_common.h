@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <vector>
 
 namespace asag {
 
@@ -24,6 +25,40 @@ inline at::Tensor prepare_bias(const at::Tensor& bias, at::ScalarType acc, at::I
     b = bias.to(acc);
   }
   return b.expand(shape);
+}
+
+// The key mask of every (b, h) slice as a contiguous (S, Nk) bool tensor, from the (B, Nk)
+// mask of an attention call (undefined when there is none).
+inline at::Tensor slice_key_mask(const c10::optional<at::Tensor>& key_mask, int64_t heads) {
+  if (!key_mask.has_value()) return at::Tensor();
+  return key_mask->repeat_interleave(heads, 0).contiguous();
+}
+
+// The working copy of a sinkhorn() call: `plan` holds the logits in the accumulation dtype
+// with masked keys at -inf, viewed as (S, Nq, Nk) in `plan3`; `mask` is the key mask as
+// (S, Nk) (undefined without one). The kernels turn plan3 into the plan in place.
+struct SinkhornInput {
+  at::Tensor plan, plan3, mask;
+  int64_t slices = 0;
+};
+
+inline SinkhornInput sinkhorn_input(const at::Tensor& logits,
+                                    const c10::optional<at::Tensor>& key_mask) {
+  SinkhornInput in;
+  const int64_t nq = logits.size(-2), nk = logits.size(-1);
+  in.plan = at::empty(logits.sizes(), logits.options().dtype(accumulation_dtype(logits.scalar_type())));
+  if (in.plan.numel() == 0) return in;
+  in.plan.copy_(logits);
+  in.slices = in.plan.numel() / (nq * nk);
+  in.plan3 = in.plan.view({in.slices, nq, nk});
+  if (key_mask.has_value()) {
+    std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 2);
+    shape.push_back(nk);
+    in.mask = key_mask->expand(shape).contiguous().view({in.slices, nk});
+    in.plan3.masked_fill_(in.mask.logical_not().unsqueeze(1),
+                          -std::numeric_limits<double>::infinity());
+  }
+  return in;
 }
 
 }  // namespace asag
