@@ -1,12 +1,14 @@
 """asag: Adversarial Sinkhorn Attention Guidance (arXiv 2511.07499) for PyTorch.
 
 ``asag.ops`` holds the Sinkhorn-attention ops (C++/CUDA kernels with a PyTorch reference);
+``asag.apply(model)`` attaches it to a diffusers or timm model's self-attention layers;
 ``asag.build_info()`` says what the installed extension compiled.
 """
 
 from . import ops
 from ._extension import build_info
+from .patching import ASAGHandle, apply, remove
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["ASAGHandle", "apply", "build_info", "ops", "remove", "__version__"]

@@ -1,0 +1,8 @@
+"""Attaching ASAG to a model's self-attention layers: :func:`apply` and its handle."""
+
+from .apply import apply, remove
+from .discovery import LayerInfo
+from .handle import ASAGHandle
+from .perturb import Perturbation
+
+__all__ = ["ASAGHandle", "LayerInfo", "Perturbation", "apply", "remove"]

@@ -1,0 +1,173 @@
+"""What replaces ``scaled_dot_product_attention`` in the perturbed chunk of a guided batch.
+
+Self-attention: Sinkhorn attention with the adversarial cost (``asag.ops.sinkhorn_attention``).
+
+Joint attention (text and image tokens in one sequence): only the image-to-image block is
+perturbed. Text query rows keep their normal output. An image query keeps the share of its
+normal attention that went to text keys, attending to them as before; the share that went to
+image keys is spread by the Sinkhorn plan of the image-image block instead of softmax:
+
+    out_i = w_i * softmax(s_i,text) v_text + (1 - w_i) * Sinkhorn(s_i,image) v_image
+
+with ``w_i`` the text share of the normal softmax. With ``lam = 0, iters = 0`` this is exactly
+normal attention.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .. import ops
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A guidance context: the batch holds ``chunks`` equal chunks; those in ``perturbed`` go
+    through Sinkhorn attention with these parameters, the others are left untouched."""
+
+    chunks: int
+    perturbed: Tuple[int, ...]
+    lam: float
+    iters: int
+    tau: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ValueError(f"chunks must be an int >= 1, got {self.chunks!r}")
+        bad = [p for p in self.perturbed if not (isinstance(p, int) and 0 <= p < self.chunks)]
+        if bad or not self.perturbed:
+            raise ValueError(f"perturbed must list chunk indices in [0, {self.chunks}), got {self.perturbed!r}")
+        ops._checks.check_scalars(lam=self.lam, iters=self.iters, tau=self.tau)
+
+
+def bind_sdpa(args, kwargs) -> dict:
+    """SDPA's arguments by name, defaults filled in."""
+    bound = dict(zip(_SDPA_PARAMS, args))
+    bound.update(kwargs)
+    bound.setdefault("attn_mask", None)
+    bound.setdefault("dropout_p", 0.0)
+    bound.setdefault("is_causal", False)
+    bound.setdefault("scale", None)
+    bound.setdefault("enable_gqa", False)
+    return bound
+
+
+def _rows(t: Optional[torch.Tensor], start: int, stop: int, batch: int):
+    """Batch rows [start, stop) of a mask that may broadcast over the batch."""
+    if t is None or t.dim() < 4 or t.shape[0] == 1:
+        return t
+    if t.shape[0] != batch:
+        raise ValueError(f"attn_mask batch {t.shape[0]} does not match the query batch {batch}")
+    return t[start:stop]
+
+
+def _bias(attn_mask, is_causal: bool, nq: int, nk: int, device) -> Optional[torch.Tensor]:
+    if not is_causal:
+        return attn_mask
+    causal = torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, -math.inf)
+
+
+def _take(t: Optional[torch.Tensor], rows: slice, cols: slice, n: int) -> Optional[torch.Tensor]:
+    """The (rows, cols) block of a bias broadcastable to (..., n, n)."""
+    if t is None:
+        return None
+    if t.dim() >= 2 and t.shape[-2] == n:
+        t = t[..., rows, :]
+    if t.dim() >= 1 and t.shape[-1] == n:
+        t = t[..., cols]
+    return t
+
+
+def _additive(bias: torch.Tensor) -> torch.Tensor:
+    return torch.where(bias, 0.0, -math.inf) if bias.dtype == torch.bool else bias
+
+
+def _logsumexp_rows(q, k, scale, bias, block=1024):
+    """LSE over keys of q k^T * scale + bias, row block by row block (never the full matrix)."""
+    n = q.shape[-2]
+    out = []
+    for start in range(0, n, block):
+        rows = slice(start, start + block)
+        s = (q[..., rows, :] @ k.transpose(-1, -2)) * scale
+        if bias is not None:
+            s = s + _additive(bias[..., rows, :] if bias.dim() >= 2 and bias.shape[-2] == n else bias)
+        out.append(torch.logsumexp(s, dim=-1))
+    return torch.cat(out, dim=-1)
+
+
+def sinkhorn_self(q, k, v, bias, scale, p: Perturbation):
+    return ops.sinkhorn_attention(q, k, v, lam=p.lam, iters=p.iters, tau=p.tau, scale=scale, attn_bias=bias)
+
+
+def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, base, text_tokens: int, text_first: bool):
+    """Joint attention with only its image-to-image block perturbed (module docstring)."""
+    n = q.shape[-2]
+    if text_tokens <= 0:
+        return sinkhorn_self(q, k, v, bias, scale, p)
+    txt = slice(0, text_tokens) if text_first else slice(n - text_tokens, n)
+    img = slice(text_tokens, n) if text_first else slice(0, n - text_tokens)
+    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_i, k_t, v_t, k_i, v_i = (t.to(f32) for t in (q[..., img, :], k[..., txt, :], v[..., txt, :], k[..., img, :], v[..., img, :]))
+    if bias is not None and bias.dtype != torch.bool:
+        bias = bias.to(f32)
+    bias_it, bias_ii = _take(bias, img, txt, n), _take(bias, img, img, n)
+    s_t = (q_i @ k_t.transpose(-1, -2)) * scale
+    if bias_it is not None:
+        s_t = s_t + _additive(bias_it)
+    lse_t = torch.logsumexp(s_t, dim=-1, keepdim=True)
+    lse_i = _logsumexp_rows(q_i, k_i, scale, bias_ii).unsqueeze(-1)
+    w_text = torch.nan_to_num(torch.exp(lse_t - torch.logaddexp(lse_t, lse_i)), nan=0.0)
+    out_t = torch.nan_to_num(torch.softmax(s_t, dim=-1), nan=0.0) @ v_t
+    out_i = ops.sinkhorn_attention(
+        q_i, k_i, v_i, lam=p.lam, iters=p.iters, tau=p.tau, scale=scale, attn_bias=bias_ii
+    )
+    mixed = (w_text * out_t + (1 - w_text) * out_i).to(base.dtype)
+    parts = [base[..., txt, :], mixed] if text_first else [mixed, base[..., txt, :]]
+    return torch.cat(parts, dim=-2)
+
+
+def perturbed_sdpa(out: torch.Tensor, sdpa: dict, p: Perturbation, joint: Optional[Tuple[int, bool]]):
+    """The SDPA output `out` of the whole batch with its perturbed chunks replaced.
+    `joint`: (text tokens, text first) for joint attention, None for self-attention."""
+    q, k, v = sdpa["query"], sdpa["key"], sdpa["value"]
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k, v, out = (t.unsqueeze(1) for t in (q, k, v, out))
+    if q.dim() != 4:
+        raise NotImplementedError(f"asag: SDPA inputs of {q.dim()} dims are not supported (expected 3 or 4)")
+    batch = q.shape[0]
+    if batch % p.chunks:
+        raise ValueError(
+            f"asag guidance expects a batch of {p.chunks} equal chunks, but this attention layer "
+            f"received a batch of {batch}"
+        )
+    if sdpa["enable_gqa"] and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scale = sdpa["scale"] if sdpa["scale"] is not None else q.shape[-1] ** -0.5
+    bias_all = _bias(sdpa["attn_mask"], sdpa["is_causal"], q.shape[-2], k.shape[-2], q.device)
+    n = batch // p.chunks
+    pieces = []
+    for c in range(p.chunks):
+        rows = slice(c * n, (c + 1) * n)
+        if c not in p.perturbed:
+            pieces.append(out[rows])
+            continue
+        bias = _rows(bias_all, c * n, (c + 1) * n, batch)
+        if joint is None:
+            adv = sinkhorn_self(q[rows], k[rows], v[rows], bias, scale, p)
+        else:
+            adv = sinkhorn_joint(q[rows], k[rows], v[rows], bias, scale, p, out[rows], *joint)
+        pieces.append(adv.to(out.dtype))
+    result = torch.cat(pieces, dim=0)
+    return result.squeeze(1) if squeeze else result
+
