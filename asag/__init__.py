@@ -8,7 +8,19 @@
 from . import ops
 from ._extension import build_info
 from .patching import ASAGHandle, apply, remove
+from .guidance import ASAGConfig, disable, enable, guided_prediction
 
 __version__ = "0.1.0"
 
-__all__ = ["ASAGHandle", "apply", "build_info", "ops", "remove", "__version__"]
+__all__ = [
+    "ASAGConfig",
+    "ASAGHandle",
+    "apply",
+    "build_info",
+    "disable",
+    "enable",
+    "guided_prediction",
+    "ops",
+    "remove",
+    "__version__",
+]

@@ -1,0 +1,87 @@
+"""ASAG guidance parameters, validated, with their values at a point of sampling."""
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+from ..patching.selection import Selection
+from .schedule import SHAPES, Schedule
+
+MODES = ("batched", "sequential")
+
+
+def _real(name, value, low=None, high=None, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+@dataclass
+class ASAGConfig:
+    """Everything that defines ASAG guidance.
+
+    scale: ASAG guidance scale ``w_asag`` (>= 0; 0 turns ASAG off). Typical 1 to 5.
+    scale_end, scale_schedule: the scale's value at the last step and the shape of the way
+        there ("constant", "linear", "cosine"); constant by default.
+    lam: adversarial strength at the first step (>= 0). lam_end: at the last step (default
+        lam / 4); lam_schedule: the paper's adaptive schedule, strong early and weaker late
+        ("cosine" by default; "constant" is the "w/o adaptive schedule" ablation).
+    iters: Sinkhorn iterations (>= 0). tau: temperature (> 0).
+    start, stop: the fraction of sampling during which ASAG runs, 0 <= start < stop <= 1;
+        outside it the extra branch is not computed at all.
+    rescale: guidance rescale factor in [0, 1] (Lin et al.), applied after the combination.
+    layers: which self-attention layers (see asag.patching.selection); default "mid".
+    mode: "batched" (the perturbed branch joins the CFG batch: 1.5x its size with CFG, one
+        forward pass) or "sequential" (a second forward pass per step: lower peak memory).
+    """
+
+    scale: float = 3.0
+    lam: float = 2.0
+    iters: int = 5
+    tau: float = 1.0
+    lam_end: Optional[float] = None
+    lam_schedule: str = "cosine"
+    scale_end: Optional[float] = None
+    scale_schedule: str = "constant"
+    start: float = 0.0
+    stop: float = 1.0
+    rescale: float = 0.0
+    layers: Selection = "mid"
+    mode: str = "batched"
+
+    def __post_init__(self):
+        _real("scale", self.scale, low=0)
+        _real("lam", self.lam, low=0)
+        _real("tau", self.tau, low=0, low_open=True)
+        if isinstance(self.iters, bool) or not isinstance(self.iters, numbers.Integral) or self.iters < 0:
+            raise ValueError(f"iters must be an int >= 0, got {self.iters!r}")
+        if self.lam_end is None:
+            self.lam_end = self.lam / 4
+        _real("lam_end", self.lam_end, low=0)
+        if self.scale_end is None:
+            self.scale_end = self.scale
+        _real("scale_end", self.scale_end, low=0)
+        for name in ("lam_schedule", "scale_schedule"):
+            if getattr(self, name) not in SHAPES:
+                raise ValueError(f"{name} must be one of {SHAPES}, got {getattr(self, name)!r}")
+        _real("start", self.start, low=0, high=1)
+        _real("stop", self.stop, low=0, high=1)
+        if not self.start < self.stop:
+            raise ValueError(f"start must be < stop (fractions of sampling), got start={self.start}, stop={self.stop}")
+        _real("rescale", self.rescale, low=0, high=1)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def lam_at(self, progress: float) -> float:
+        return Schedule(self.lam, self.lam_end, self.lam_schedule)(progress)
+
+    def scale_at(self, progress: float) -> float:
+        return Schedule(self.scale, self.scale_end, self.scale_schedule)(progress)
+
+    def active_at(self, progress: float) -> bool:
+        """Whether the ASAG branch is computed at this point of sampling."""
+        return self.start <= progress <= self.stop and self.scale_at(progress) > 0
