@@ -1,4 +1,5 @@
-"""Command line: ``asag info`` (what was compiled) and ``asag example`` (the op at work).
+"""Command line: ``asag demo`` (the main job), ``asag info`` (what was compiled) and
+``asag example`` (the op against its reference).
 
 Also runs as ``python -m asag ...``.
 """
@@ -53,8 +54,17 @@ def _example(args):
 
 
 def main(argv=None):
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        from .demo.cli import main as demo
+
+        demo(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="asag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="ASAG on the shipped digit models: image grid and metrics (see asag demo -h)")
     sub.add_parser("info", help="print asag.build_info()").set_defaults(func=_info)
     ex = sub.add_parser("example", help="run the Sinkhorn-attention op against the reference")
     ex.add_argument("--n", type=int, default=1024, help="tokens (default 1024)")

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-${PYTHON:-python3} -m asag example "$@"
+${PYTHON:-python3} -m asag demo "$@"

@@ -178,7 +178,7 @@ def test_guidance_rescale_option_runs():
 
 
 def test_guided_prediction_in_a_custom_loop():
-    model = tiny_models.TimmDiT().eval()
+    model = tiny_models.timm_dit_model().eval()
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.3, 0.3])
     cond, uncond = dict(y=torch.tensor([3, 4])), dict(y=torch.tensor([10, 10]))
@@ -205,7 +205,7 @@ def test_diffusers_guider_contract():
 
     guider = AdversarialSinkhornGuidance(guidance_scale=4.0, asag_scale=2.0, lam=3.0, lam_end=3.0, stop=0.5)
     assert isinstance(guider, BaseGuidance)
-    model = tiny_models.TimmDiT().eval()
+    model = tiny_models.timm_dit_model().eval()
     x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.1])
     data = {"y": (torch.tensor([3]), torch.tensor([10]))}

@@ -142,7 +142,7 @@ def test_first_guided_call_probes_automatically():
 
 def _deep_timm_dit():
     torch.manual_seed(0)
-    return tiny_models.TimmDiT(depth=12).eval()
+    return tiny_models.timm_dit_model(depth=12).eval()
 
 
 def test_layer_selection_is_exact():
@@ -278,32 +278,55 @@ def test_torch_compile_after_apply():
     handle.remove()
 
 
-def test_group_offloading_hooks():
+def _group_offload(model):
     from diffusers.hooks import apply_group_offloading
 
-    model, inputs = tiny_models.build("dit")
-    x = inputs(2)
-    base = _run(model, x)
-    apply_group_offloading(model, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1)
-    handle = asag.apply(model, example_inputs=inputs(1))
-    with handle.guidance(chunks=2, perturbed=[1], lam=2.0, iters=3):
-        guided = _run(model, x)
-    assert torch.equal(guided[0], base[0]) and not torch.equal(guided[1], base[1])
-    handle.remove()
-    assert torch.equal(_run(model, x), base)
+    cpu = torch.device("cpu")
+    apply_group_offloading(model, onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
 
 
-def test_accelerate_cpu_offload_hooks():
+def _accelerate_offload(model):
     from accelerate import cpu_offload
 
-    model, inputs = tiny_models.build("pixart")
+    cpu_offload(model, execution_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family,offload", [("dit", _group_offload), ("pixart", _accelerate_offload)])
+def test_offload_hooks(family, offload):
+    model, inputs = tiny_models.build(family)
     x = inputs(2)
     base = _run(model, x)
-    cpu_offload(model, execution_device=torch.device("cpu"))
+    offload(model)
     handle = asag.apply(model, example_inputs=inputs(1))
     with handle.guidance(chunks=2, perturbed=[1], lam=2.0, iters=3):
         guided = _run(model, x)
     assert torch.equal(guided[0], base[0]) and not torch.equal(guided[1], base[1])
     handle.remove()
     assert torch.equal(_run(model, x), base)
+
+
+def test_comparison_variants():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(3))
+    base = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    sdpa = dict(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+    pag = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 0.0, 0, variant="identity"), None)
+    assert torch.equal(pag[1], v[1]) and torch.equal(pag[0], base[0])  # PAG: output = value
+    noisy = [perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 3.0, 0, variant="noise", seed=s), None) for s in (0, 0, 1)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])  # seeded
+    same = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 0.0, 0, variant="noise"), None)
+    torch.testing.assert_close(same, base)
+    blurred = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 100.0, 0, variant="blur"), None)
+    uniform_q = q[1].mean(dim=-2, keepdim=True).expand_as(q[1])  # huge sigma: every query alike
+    torch.testing.assert_close(blurred[1], torch.nn.functional.scaled_dot_product_attention(uniform_q, k[1], v[1]), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        Perturbation(2, (1,), 1.0, 0, variant="other")
+
+
+def test_processors_that_never_call_sdpa_are_refused():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model, inputs = tiny_models.build("sd15-unet")
+    model.set_attn_processor(AttnProcessor())  # the manual baddbmm/softmax processor, like sliced/xformers
+    with pytest.raises(ValueError, match="never called torch.nn.functional.scaled_dot_product_attention"):
+        asag.apply(model, example_inputs=inputs(1))

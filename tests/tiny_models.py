@@ -233,51 +233,22 @@ def sana():
     return model, inputs
 
 
-class TimmDiTBlock(torch.nn.Module):
-    """A DiT block as the original DiT code writes it: timm Attention + Mlp with adaLN."""
+def timm_dit_model(depth=4, dim=32, heads=4):
+    """The demo's DiT (timm Attention blocks) with random, non-zero adaLN gates, so that
+    attention reaches the output at initialisation."""
+    from asag.demo.models import DigitsDiT
 
-    def __init__(self, dim, heads):
-        super().__init__()
-        from timm.layers import Attention, Mlp
-
-        self.norm1 = torch.nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads=heads, qkv_bias=True)
-        self.norm2 = torch.nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, hidden_features=dim * 2, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
-        self.ada = torch.nn.Linear(dim, 6 * dim)
-
-    def forward(self, x, c):
-        s1, g1, a1, s2, g2, a2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
-        x = x + a1 * self.attn(self.norm1(x) * (1 + g1) + s1)
-        return x + a2 * self.mlp(self.norm2(x) * (1 + g2) + s2)
-
-
-class TimmDiT(torch.nn.Module):
-    """A tiny class-conditional DiT on 8x8 inputs with 2x2 patches."""
-
-    def __init__(self, dim=32, heads=4, depth=4, classes=10, channels=1):
-        super().__init__()
-        self.patch = torch.nn.Conv2d(channels, dim, 2, 2)
-        self.pos = torch.nn.Parameter(torch.randn(1, 16, dim) * 0.02)
-        self.t_embed = torch.nn.Sequential(torch.nn.Linear(1, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
-        self.y_embed = torch.nn.Embedding(classes + 1, dim)
-        self.blocks = torch.nn.ModuleList(TimmDiTBlock(dim, heads) for _ in range(depth))
-        self.out = torch.nn.Linear(dim, channels * 4)
-        self.channels = channels
-
-    def forward(self, x, t, y):
-        b = x.shape[0]
-        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        c = self.t_embed(t.float().view(b, 1)) + self.y_embed(y)
-        for block in self.blocks:
-            h = block(h, c)
-        h = self.out(h).view(b, 4, 4, self.channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return h.reshape(b, self.channels, 8, 8)
+    model = DigitsDiT(dim=dim, depth=depth, heads=heads)
+    g = torch.Generator().manual_seed(7)
+    for block in model.blocks:
+        block.ada[1].weight.data = torch.randn(block.ada[1].weight.shape, generator=g) * 0.05
+        block.ada[1].bias.data = torch.randn(block.ada[1].bias.shape, generator=g) * 0.5
+    return model
 
 
 @family("timm-dit")
 def timm_dit():
-    model = TimmDiT()
+    model = timm_dit_model()
 
     def inputs(b):
         return dict(x=_randn(b, 1, 8, 8), t=torch.tensor([10] * b), y=torch.tensor([3] * b))

@@ -5,6 +5,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
+from ..patching.perturb import VARIANTS, Perturbation
 from ..patching.selection import Selection
 from .schedule import SHAPES, Schedule
 
@@ -37,6 +38,8 @@ class ASAGConfig:
     layers: which self-attention layers (see asag.patching.selection); default "mid".
     mode: "batched" (the perturbed branch joins the CFG batch: 1.5x its size with CFG, one
         forward pass) or "sequential" (a second forward pass per step: lower peak memory).
+    variant: "sinkhorn" (ASAG). For comparisons and ablations: "noise" (w/o Sinkhorn),
+        "identity" (PAG), "blur" (SEG-style, sigma = lam).
     """
 
     scale: float = 3.0
@@ -52,6 +55,7 @@ class ASAGConfig:
     rescale: float = 0.0
     layers: Selection = "mid"
     mode: str = "batched"
+    variant: str = "sinkhorn"
 
     def __post_init__(self):
         _real("scale", self.scale, low=0)
@@ -75,6 +79,12 @@ class ASAGConfig:
         _real("rescale", self.rescale, low=0, high=1)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+
+    def perturbation(self, progress: float, chunks: int = 1, perturbed=(0,), seed: int = 0) -> Perturbation:
+        """The attention perturbation at this point of sampling."""
+        return Perturbation(chunks, tuple(perturbed), self.lam_at(progress), self.iters, self.tau, self.variant, seed)
 
     def lam_at(self, progress: float) -> float:
         return Schedule(self.lam, self.lam_end, self.lam_schedule)(progress)

@@ -14,7 +14,6 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from ..patching import apply as apply_asag
-from ..patching.perturb import Perturbation
 from .config import ASAGConfig
 from .formula import combine, rescale
 
@@ -113,8 +112,7 @@ class AdversarialSinkhornGuidance(BaseGuidance):
             return
         if self._handle is None or self._handle.removed or self._handle.model is not denoiser:
             self._handle = apply_asag(denoiser, layers=self.asag.layers)
-        lam = self.asag.lam_at(self._progress())
-        self._handle._perturbation = Perturbation(1, (0,), lam, self.asag.iters, self.asag.tau)
+        self._handle._perturbation = self.asag.perturbation(self._progress())
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
         if self._handle is not None:

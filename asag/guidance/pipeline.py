@@ -160,15 +160,13 @@ class PipelineGuidance:
         cfg = self._cfg(batch)
         n = batch // 2 if cfg else batch
         cond = slice(batch - n, batch)
-        lam = self.config.lam_at(progress)
         chunks = 3 if cfg else 2
         if self.config.mode == "sequential":
-            call = _Call(batch, cond, cfg, self.config.scale_at(progress),
-                         Perturbation(1, (0,), lam, self.config.iters, self.config.tau), args, kwargs)
+            call = _Call(batch, cond, cfg, self.config.scale_at(progress), self.config.perturbation(progress), args, kwargs)
             self._calls.append(call)
             return None
         call = _Call(batch, cond, cfg, self.config.scale_at(progress),
-                     Perturbation(chunks, (chunks - 1,), lam, self.config.iters, self.config.tau))
+                     self.config.perturbation(progress, chunks, (chunks - 1,)))
         self._calls.append(call)
         extend = lambda t: torch.cat([t, t[cond]])  # noqa: E731
         new_args = _map_batched(tuple(args), batch, extend)

@@ -37,6 +37,7 @@ def guided_prediction(
     progress: float = 0.0,
     config: Optional[ASAGConfig] = None,
     output: Any = None,
+    seed: int = 0,
     **settings,
 ) -> torch.Tensor:
     """One guided denoiser prediction: ``eps_u + w_cfg (eps_c - eps_u) + w_asag (eps_c - eps_adv)``.
@@ -47,7 +48,7 @@ def guided_prediction(
     in [0, 1] is the point of sampling (for the schedules and the interval). ASAG settings come
     from ``config`` or keyword arguments of :class:`ASAGConfig` (``scale``, ``lam``, ``iters``,
     ``mode``...). ``output`` picks the prediction from the model's output: a callable, or None
-    for a tensor / a tuple's first item / ``.sample``.
+    for a tensor / a tuple's first item / ``.sample``. ``seed`` seeds the "noise" variant.
 
     Batched mode runs ``[u, c, c_adv]`` (or ``[c, c_adv]``) in one forward pass; sequential
     mode runs the branches as separate passes.
@@ -64,16 +65,21 @@ def guided_prediction(
         k = len(branches)
         kwargs = _cat(branches)
         if asag_on:
-            with handle.guidance(chunks=k, perturbed=[k - 1], lam=config.lam_at(progress), iters=config.iters, tau=config.tau):
-                out = pick(model(torch.cat([x] * k), _batched_t(t, b, k), **kwargs))
-        else:
+            handle._perturbation = config.perturbation(progress, k, (k - 1,), seed)
+        try:
             out = pick(model(torch.cat([x] * k), _batched_t(t, b, k), **kwargs))
+        finally:
+            if asag_on:
+                handle._perturbation = None
         preds = list(out.chunk(k))
     else:
         preds = [pick(model(x, t, **kw)) for kw in branches[: len(branches) - int(asag_on)]]
         if asag_on:
-            with handle.guidance(chunks=1, perturbed=[0], lam=config.lam_at(progress), iters=config.iters, tau=config.tau):
+            handle._perturbation = config.perturbation(progress, seed=seed)
+            try:
                 preds.append(pick(model(x, t, **cond)))
+            finally:
+                handle._perturbation = None
     eps_u = preds[0] if use_cfg else None
     eps_c = preds[1 if use_cfg else 0]
     if not asag_on:

@@ -212,11 +212,13 @@ class ASAGHandle:
     # ---- guidance ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def guidance(self, *, chunks: int, perturbed, lam: float, iters: int, tau: float = 1.0):
+    def guidance(self, *, chunks: int, perturbed, lam: float, iters: int, tau: float = 1.0,
+                 variant: str = "sinkhorn", seed: int = 0):
         """Within this block, batch chunks listed in ``perturbed`` (of ``chunks`` equal ones)
         use Sinkhorn attention in the selected layers; every other chunk is computed exactly
-        as without asag. Without an active guidance block the model is untouched."""
-        perturbation = Perturbation(chunks, tuple(perturbed), lam, iters, tau)
+        as without asag. Without an active guidance block the model is untouched.
+        ``variant`` picks another perturbation for comparisons (see Perturbation)."""
+        perturbation = Perturbation(chunks, tuple(perturbed), lam, iters, tau, variant, seed)
         if self.removed:
             raise RuntimeError("this asag handle was removed; call asag.apply(model) again")
         previous, self._perturbation = self._perturbation, perturbation

@@ -1,5 +1,7 @@
 """What replaces ``scaled_dot_product_attention`` in the perturbed chunk of a guided batch.
 
+(Besides ASAG, the variants PAG, SEG-style blur and "noise" serve the paper's comparisons.)
+
 Self-attention: Sinkhorn attention with the adversarial cost (``asag.ops.sinkhorn_attention``).
 
 Joint attention (text and image tokens in one sequence): only the image-to-image block is
@@ -18,22 +20,34 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+VARIANTS = ("sinkhorn", "identity", "noise", "blur")
+
+
 @dataclass(frozen=True)
 class Perturbation:
     """A guidance context: the batch holds ``chunks`` equal chunks; those in ``perturbed`` go
-    through Sinkhorn attention with these parameters, the others are left untouched."""
+    through the perturbed attention, the others are left untouched.
+
+    ``variant``: "sinkhorn" (ASAG: adversarial Sinkhorn attention), and for the comparisons
+    and ablations of the paper: "noise" (ASAG without Sinkhorn: softmax over the scores plus
+    ``lam`` times seeded N(0, 1) noise), "identity" (PAG: each query's output is its own
+    value), "blur" (SEG-style: queries Gaussian-blurred over the token grid, sigma ``lam``).
+    """
 
     chunks: int
     perturbed: Tuple[int, ...]
     lam: float
     iters: int
     tau: float = 1.0
+    variant: str = "sinkhorn"
+    seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
@@ -42,6 +56,8 @@ class Perturbation:
         if bad or not self.perturbed:
             raise ValueError(f"perturbed must list chunk indices in [0, {self.chunks}), got {self.perturbed!r}")
         ops._checks.check_scalars(lam=self.lam, iters=self.iters, tau=self.tau)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
 
 
 def bind_sdpa(args, kwargs) -> dict:
@@ -104,15 +120,52 @@ def _logsumexp_rows(q, k, scale, bias, block=1024):
     return torch.cat(out, dim=-1)
 
 
-def sinkhorn_self(q, k, v, bias, scale, p: Perturbation):
-    return ops.sinkhorn_attention(q, k, v, lam=p.lam, iters=p.iters, tau=p.tau, scale=scale, attn_bias=bias)
+def _gaussian_rows(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """(n, n) Gaussian weights, rows normalised: position i averages its neighbours, and an
+    infinite sigma gives the plain mean (no padding artefacts at the borders)."""
+    pos = torch.arange(n, device=like.device, dtype=torch.float32)
+    w = torch.exp(-0.5 * ((pos[:, None] - pos[None]) / sigma) ** 2)
+    return (w / w.sum(dim=1, keepdim=True)).to(like.dtype)
+
+
+def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of the queries over their token grid (square grids; else the sequence)."""
+    if sigma <= 0:
+        return q
+    b, h, n, d = q.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        return _gaussian_rows(n, sigma, q) @ q
+    w = _gaussian_rows(side, sigma, q)
+    grid = q.reshape(b, h, side, side, d)
+    grid = torch.einsum("ij,bhjkd->bhikd", w, grid)
+    grid = torch.einsum("kl,bhild->bhikd", w, grid)
+    return grid.reshape(b, h, n, d)
+
+
+def adversarial_attention(q, k, v, bias, scale, p: Perturbation):
+    """The perturbed attention of one chunk (q, k, v: (B, H, N, D)), by variant."""
+    if p.variant == "sinkhorn":
+        return ops.sinkhorn_attention(q, k, v, lam=p.lam, iters=p.iters, tau=p.tau, scale=scale, attn_bias=bias)
+    if p.variant == "identity":
+        if q.shape[-2] != v.shape[-2]:
+            raise ValueError("the identity (PAG) variant needs as many queries as keys")
+        return v
+    if p.variant == "blur":
+        return F.scaled_dot_product_attention(_blur_queries(q, p.lam), k, v, attn_mask=bias, scale=scale)
+    g = torch.Generator(device=q.device).manual_seed(p.seed)
+    noise = torch.randn(q.shape[:-1] + (k.shape[-2],), generator=g, device=q.device, dtype=torch.float32)
+    noise = (p.lam * noise).to(q.dtype)
+    if bias is not None:
+        noise = noise + (_additive(bias).to(q.dtype))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=noise, scale=scale)
 
 
 def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, base, text_tokens: int, text_first: bool):
     """Joint attention with only its image-to-image block perturbed (module docstring)."""
     n = q.shape[-2]
     if text_tokens <= 0:
-        return sinkhorn_self(q, k, v, bias, scale, p)
+        return adversarial_attention(q, k, v, bias, scale, p)
     txt = slice(0, text_tokens) if text_first else slice(n - text_tokens, n)
     img = slice(text_tokens, n) if text_first else slice(0, n - text_tokens)
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -127,9 +180,7 @@ def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, base, text_tokens: int
     lse_i = _logsumexp_rows(q_i, k_i, scale, bias_ii).unsqueeze(-1)
     w_text = torch.nan_to_num(torch.exp(lse_t - torch.logaddexp(lse_t, lse_i)), nan=0.0)
     out_t = torch.nan_to_num(torch.softmax(s_t, dim=-1), nan=0.0) @ v_t
-    out_i = ops.sinkhorn_attention(
-        q_i, k_i, v_i, lam=p.lam, iters=p.iters, tau=p.tau, scale=scale, attn_bias=bias_ii
-    )
+    out_i = adversarial_attention(q_i, k_i, v_i, bias_ii, scale, p).to(f32)
     mixed = (w_text * out_t + (1 - w_text) * out_i).to(base.dtype)
     parts = [base[..., txt, :], mixed] if text_first else [mixed, base[..., txt, :]]
     return torch.cat(parts, dim=-2)
@@ -164,7 +215,7 @@ def perturbed_sdpa(out: torch.Tensor, sdpa: dict, p: Perturbation, joint: Option
             continue
         bias = _rows(bias_all, c * n, (c + 1) * n, batch)
         if joint is None:
-            adv = sinkhorn_self(q[rows], k[rows], v[rows], bias, scale, p)
+            adv = adversarial_attention(q[rows], k[rows], v[rows], bias, scale, p)
         else:
             adv = sinkhorn_joint(q[rows], k[rows], v[rows], bias, scale, p, out[rows], *joint)
         pieces.append(adv.to(out.dtype))

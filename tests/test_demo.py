@@ -1,0 +1,65 @@
+"""The demo's metrics, the shipped checkpoints and `asag demo --quick`."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asag.demo import metrics, models
+
+
+def test_fid_of_a_set_against_itself_is_about_zero_and_against_noise_large():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 16, generator=g)
+    b = torch.randn(500, 16, generator=g)
+    assert abs(metrics.fid(a, a)) < 1e-6
+    assert metrics.fid(a, b) < 0.5  # two samples of one distribution
+    assert metrics.fid(a, torch.rand(500, 16, generator=g) * 10 + 3) > 50
+
+
+def test_precision_recall_and_inception_score():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(300, 8, generator=g)
+    p, r = metrics.precision_recall(real, real.clone())
+    assert p == 1.0 and r == 1.0
+    far = torch.randn(300, 8, generator=g) + 100
+    assert metrics.precision_recall(real, far) == (0.0, 0.0)
+    collapsed = real[:1].repeat(300, 1)  # mode collapse: precise, no recall
+    p, r = metrics.precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.1
+    uniform = torch.full((100, 10), 0.1)
+    assert metrics.inception_score(uniform) == pytest.approx(1.0)
+    confident = torch.eye(10).repeat(10, 1)
+    assert metrics.inception_score(confident) == pytest.approx(10.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dit", "unet", "classifier"])
+def test_shipped_checkpoints_load_and_are_small(name):
+    path = os.path.join(models.CHECKPOINTS, f"{name}.pt")
+    assert os.path.getsize(path) < 10 * 2**20
+    model, meta = models.load(name)
+    assert "seed" in meta and "command" in meta
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_classifier_recognises_held_out_digits():
+    from asag.demo import data
+
+    classifier, meta = models.load("classifier")
+    _, _, x, y = data.load_digits_split(meta["seed"])
+    with torch.no_grad():
+        assert (classifier(x).argmax(-1) == y).float().mean() > 0.95
+
+
+def test_asag_demo_quick(tmp_path):
+    out = tmp_path / "grid.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "asag", "demo", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.exists() and out.stat().st_size > 1000
+    for name in ("no guidance", "CFG + ASAG", "CFG + PAG", "FID"):
+        assert name in done.stdout
