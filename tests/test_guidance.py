@@ -47,7 +47,7 @@ def test_config_values_and_interval():
     cfg = ASAGConfig(scale=3, lam=2, lam_end=0.5, lam_schedule="linear", start=0.2, stop=0.8)
     assert cfg.lam_at(0) == 2 and cfg.lam_at(1) == 0.5 and cfg.lam_at(0.5) == pytest.approx(1.25)
     assert [cfg.active_at(p) for p in (0.0, 0.2, 0.5, 0.8, 0.9)] == [False, True, True, True, False]
-    assert ASAGConfig().lam_end == pytest.approx(0.5)  # default: lam / 4, cosine
+    assert ASAGConfig().lam_end == pytest.approx(1.0)  # default: lam / 4, cosine
     assert not ASAGConfig(scale=0).active_at(0.5)
     assert ASAGConfig(scale=2, scale_end=0, scale_schedule="linear").scale_at(0.5) == 1
 

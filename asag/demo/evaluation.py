@@ -10,16 +10,17 @@ from ..guidance import ASAGConfig
 from . import data, metrics, models
 from .sampling import Method, sample
 
-# The demo's and benchmark's default guidance settings (see benchmarks/quality/README.md for
-# the sweeps that chose them).
-CFG_SCALE = 3.0
-ASAG = dict(scale=2.0, lam=2.0, iters=5)
-PAG_SCALE = 2.0
+# The demo's and benchmark's guidance settings, chosen by the sweeps of
+# benchmarks/quality/run.py (README: "The demo and the quality benchmark"). Every perturbation
+# acts on the same layers ("mid") with the same CFG scale, so the comparison is like for like.
+CFG_SCALE = 1.5
+ASAG = dict(scale=2.0, lam=4.0, iters=5, layers="mid")
+PAG_SCALE = 1.0
 SEG_SIGMA = 2.0
 
 
 def asag_method(name="ASAG", cfg_scale=1.0, **overrides) -> Method:
-    settings = {**ASAG, "layers": "all", **overrides}
+    settings = {**ASAG, **overrides}
     return Method(name, cfg_scale, ASAGConfig(**settings))
 
 
@@ -32,8 +33,8 @@ def comparison_methods(conditional: bool, cfg_scale: float = CFG_SCALE) -> List[
     if conditional:
         methods.append(Method("CFG", cfg))
     methods += [
-        Method(plus + "PAG", cfg, ASAGConfig(scale=PAG_SCALE, variant="identity", layers="all", lam=0.0)),
-        Method(plus + "SEG (blur)", cfg, ASAGConfig(scale=PAG_SCALE, variant="blur", lam=SEG_SIGMA, lam_schedule="constant", layers="all")),
+        Method(plus + "PAG", cfg, ASAGConfig(scale=PAG_SCALE, variant="identity", lam=0.0)),
+        Method(plus + "SEG (blur)", cfg, ASAGConfig(scale=PAG_SCALE, variant="blur", lam=SEG_SIGMA, lam_schedule="constant")),
         asag_method(plus + "ASAG", cfg),
     ]
     return methods
@@ -44,7 +45,7 @@ def ablation_methods(conditional: bool, cfg_scale: float = CFG_SCALE) -> List[Me
     cfg = cfg_scale if conditional else 1.0
     plus = "CFG + " if conditional else ""
     return [
-        asag_method(plus + "ASAG w/o Sinkhorn (noise)", cfg, variant="noise", iters=0),
+        asag_method(plus + "ASAG w/o Sinkhorn (noise)", cfg, variant="noise", iters=0, lam_schedule="constant"),
         asag_method(plus + "ASAG w/o adversarial cost", cfg, lam=0.0, lam_end=0.0),
         asag_method(plus + "ASAG w/o adaptive schedule", cfg, lam_schedule="constant"),
     ]

@@ -39,8 +39,8 @@ class AdversarialSinkhornGuidance(BaseGuidance):
     def __init__(
         self,
         guidance_scale: float = 7.5,
-        asag_scale: float = 3.0,
-        lam: float = 2.0,
+        asag_scale: float = 2.0,
+        lam: float = 4.0,
         iters: int = 5,
         tau: float = 1.0,
         lam_end: Optional[float] = None,

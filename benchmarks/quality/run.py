@@ -97,7 +97,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=360)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0, 5.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--lams", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
@@ -122,7 +122,7 @@ def main():
                 ("PAG", dict(scale=scale, variant="identity", lam=0.0)),
                 ("SEG (blur)", dict(scale=scale, variant="blur", lam=evaluation.SEG_SIGMA, lam_schedule="constant")),
             ):
-                rows += _runs(bench, kind, Method(name, cfg, ASAGConfig(layers="all", **settings)), args, "scale", scale=scale)
+                rows += _runs(bench, kind, Method(name, cfg, ASAGConfig(**settings)), args, "scale", scale=scale)
         for lam in args.lams:
             rows += _runs(bench, kind, evaluation.asag_method("ASAG", cfg, lam=lam), args, "lam", lam=lam)
     real = bench.real_baseline(args.samples)
