@@ -157,7 +157,7 @@ def test_tiny_and_zero_vectors_stay_finite():
 
 
 @requires_kernel
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     nq=st.integers(1, 40),
     nk=st.integers(1, 40),
@@ -174,4 +174,6 @@ def test_kernel_plan_properties_hypothesis(nq, nk, d, lam, iters, log_std, seed)
     assert torch.isfinite(plan).all() and (plan >= 0).all()
     torch.testing.assert_close(plan.sum(-1), torch.ones(1, 2, nq), atol=1e-5, rtol=0)
     ref = asag.ops.sinkhorn(logits.double(), iters=iters, backend="torch")
-    assert (plan.double() - ref).abs().max() <= 1e-4
+    # fp32 sums M + f + g lose eps * |M| absolutely; exp carries that into the plan
+    tol = 1e-4 + 8 * torch.finfo(torch.float32).eps * logits.abs().max().item()
+    assert (plan.double() - ref).abs().max() <= tol
