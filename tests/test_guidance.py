@@ -1,7 +1,6 @@
 """ASAG guidance: the formula, schedules, validation, diffusers pipelines end to end (tiny
 random-weight components on CPU), the diffusers guider and hand-written sampling loops."""
 
-import math
 
 import pytest
 import torch

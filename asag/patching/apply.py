@@ -1,6 +1,5 @@
 """``asag.apply(model)``: attach ASAG's Sinkhorn attention to a model's self-attention layers."""
 
-from typing import Optional
 
 import torch
 
