@@ -226,3 +226,19 @@ def test_diffusers_guider_contract():
     guider.set_state(step=3, num_inference_steps=4, timestep=t)  # past stop: CFG only
     assert guider.num_conditions == 2
     asag.remove(model)
+
+
+def test_lora_adapters_keep_working():
+    from peft import LoraConfig
+
+    pipe, kwargs = tiny_pipelines.build("sd")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    base = tiny_pipelines.run(pipe, kwargs)
+    with asag.enable(pipe, scale=0.0):
+        assert torch.equal(tiny_pipelines.run(pipe, kwargs), base)
+    with asag.enable(pipe, scale=2.0) as guidance:
+        guided = tiny_pipelines.run(pipe, kwargs)
+        assert guidance.handle.selected[0].kind == "self"
+    assert (guided - base).abs().max() > 1e-4
+    assert torch.equal(tiny_pipelines.run(pipe, kwargs), base)
