@@ -242,3 +242,18 @@ def test_lora_adapters_keep_working():
         assert guidance.handle.selected[0].kind == "self"
     assert (guided - base).abs().max() > 1e-4
     assert torch.equal(tiny_pipelines.run(pipe, kwargs), base)
+
+
+def test_several_images_per_prompt():
+    pipe, kwargs = tiny_pipelines.build("sdxl")
+    kwargs = dict(kwargs, num_images_per_prompt=2)
+    base = tiny_pipelines.run(pipe, kwargs)
+    assert base.shape[0] == 2
+    with asag.enable(pipe, scale=0.0):
+        assert torch.equal(tiny_pipelines.run(pipe, kwargs), base)
+    with asag.enable(pipe, scale=2.0):
+        batched = tiny_pipelines.run(pipe, kwargs)
+    with asag.enable(pipe, scale=2.0, mode="sequential"):
+        sequential = tiny_pipelines.run(pipe, kwargs)
+    torch.testing.assert_close(sequential, batched, atol=1e-4, rtol=1e-4)
+    assert (batched - base).abs().max() > 1e-4
