@@ -330,3 +330,20 @@ def test_processors_that_never_call_sdpa_are_refused():
     model.set_attn_processor(AttnProcessor())  # the manual baddbmm/softmax processor, like sliced/xformers
     with pytest.raises(ValueError, match="never called torch.nn.functional.scaled_dot_product_attention"):
         asag.apply(model, example_inputs=inputs(1))
+
+
+def test_causal_gqa_and_masked_sdpa_calls():
+    """lam = iters = 0 reproduces SDPA for causal, grouped-query and masked calls, and the
+    mask is sliced along with the batch."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(4, 4, 9, 8, generator=g)
+    k, v = (torch.randn(4, 2, 9, 8, generator=g) for _ in range(2))
+    mask = torch.rand(4, 1, 9, 9, generator=g) > 0.3
+    mask[..., 0] = True
+    for extra in (dict(is_causal=True, enable_gqa=True), dict(attn_mask=mask, enable_gqa=True)):
+        base = torch.nn.functional.scaled_dot_product_attention(q, k, v, **extra)
+        sdpa = dict(dict(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False), **extra)
+        out = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 0.0, 0), None)
+        torch.testing.assert_close(out, base, atol=1e-5, rtol=1e-5)
+        adv = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 3.0, 4), None)
+        assert torch.equal(adv[:2], base[:2]) and torch.isfinite(adv).all()

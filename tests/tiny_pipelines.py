@@ -5,6 +5,7 @@ import torch
 
 import diffusers
 import tiny_models
+from tiny_models import _randn
 
 PIPELINES = {}
 
@@ -17,10 +18,6 @@ def pipeline(name):
     return register
 
 
-def _randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 def tiny_vae(latent_channels=4, shift_factor=None):
     torch.manual_seed(0)
     return diffusers.AutoencoderKL(shift_factor=shift_factor,
@@ -30,8 +27,12 @@ def tiny_vae(latent_channels=4, shift_factor=None):
     ).eval()
 
 
-def _sd_embeds():
-    return dict(prompt_embeds=_randn(1, 5, 24, seed=1), negative_prompt_embeds=_randn(1, 5, 24, seed=2))
+def _embeds(dim=24, pooled=None):
+    """Prompt and negative-prompt embeddings (5 tokens of `dim`), and pooled ones if asked."""
+    embeds = dict(prompt_embeds=_randn(1, 5, dim, seed=1), negative_prompt_embeds=_randn(1, 5, dim, seed=2))
+    if pooled:
+        embeds.update(pooled_prompt_embeds=_randn(1, pooled, seed=3), negative_pooled_prompt_embeds=_randn(1, pooled, seed=4))
+    return embeds
 
 
 def _common(**extra):
@@ -46,7 +47,7 @@ def sd():
         scheduler=diffusers.DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe, _common(guidance_scale=5.0, **_sd_embeds())
+    return pipe, _common(guidance_scale=5.0, **_embeds())
 
 
 @pipeline("sd-img2img")
@@ -54,7 +55,7 @@ def sd_img2img():
     pipe, _ = sd()
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
     image = _randn(1, 3, 16, 16, seed=3).clamp(-1, 1) * 0.5 + 0.5
-    kwargs = dict(num_inference_steps=5, strength=0.6, image=image, guidance_scale=5.0, output_type="pt", **_sd_embeds())
+    kwargs = dict(num_inference_steps=5, strength=0.6, image=image, guidance_scale=5.0, output_type="pt", **_embeds())
     return pipe, kwargs
 
 
@@ -69,7 +70,7 @@ def sd_controlnet():
     ).eval()
     pipe = diffusers.StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     image = _randn(1, 3, 16, 16, seed=4).clamp(0, 1)
-    return pipe, _common(guidance_scale=5.0, image=image, **_sd_embeds())
+    return pipe, _common(guidance_scale=5.0, image=image, **_embeds())
 
 
 @pipeline("sd-ip-adapter")
@@ -103,10 +104,7 @@ def sdxl():
         vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
         unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
     )
-    kwargs = _common(
-        guidance_scale=5.0, prompt_embeds=_randn(1, 5, 24, seed=1), negative_prompt_embeds=_randn(1, 5, 24, seed=2),
-        pooled_prompt_embeds=_randn(1, 8, seed=3), negative_pooled_prompt_embeds=_randn(1, 8, seed=4),
-    )
+    kwargs = _common(guidance_scale=5.0, **_embeds(24, pooled=8))
     return pipe, kwargs
 
 
@@ -117,10 +115,7 @@ def sd3():
         transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.1),
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
     )
-    kwargs = _common(
-        guidance_scale=5.0, prompt_embeds=_randn(1, 5, 16, seed=1), negative_prompt_embeds=_randn(1, 5, 16, seed=2),
-        pooled_prompt_embeds=_randn(1, 8, seed=3), negative_pooled_prompt_embeds=_randn(1, 8, seed=4),
-    )
+    kwargs = _common(guidance_scale=5.0, **_embeds(16, pooled=8))
     return pipe, kwargs
 
 
@@ -131,8 +126,7 @@ def pixart_sigma():
         tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer, scheduler=diffusers.DDIMScheduler(clip_sample=False, steps_offset=1),
     )
     kwargs = _common(
-        guidance_scale=5.0, prompt_embeds=_randn(1, 5, 12, seed=1), negative_prompt_embeds=_randn(1, 5, 12, seed=2),
-        prompt_attention_mask=torch.ones(1, 5), negative_prompt_attention_mask=torch.ones(1, 5),
+        guidance_scale=5.0, **_embeds(12), prompt_attention_mask=torch.ones(1, 5), negative_prompt_attention_mask=torch.ones(1, 5),
         use_resolution_binning=False, negative_prompt=None,
     )
     return pipe, kwargs

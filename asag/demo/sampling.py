@@ -1,6 +1,6 @@
 """Sampling the demo's models with a guidance method (none, CFG, PAG, SEG-style, ASAG...)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,7 +36,6 @@ class Method:
     name: str
     cfg_scale: float = 1.0
     perturb: Optional[ASAGConfig] = None
-    options: dict = field(default_factory=dict)
 
     def evaluations(self, conditional: bool) -> int:
         return 1 + int(conditional and self.cfg_scale > 1) + int(self.perturb is not None and self.perturb.scale > 0)

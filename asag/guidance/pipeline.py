@@ -150,12 +150,13 @@ class PipelineGuidance:
         if not self.config.active_at(progress):
             self._calls.append(None)
             return None
-        if not self.handle.resolved:  # classify the layers on the first guided call
-            self._inside = True
-            try:
-                self.handle.probe(*args, **kwargs)
-            finally:
-                self._inside = False
+        # Classify the layers on the first guided call, here: the handle's own hook has run
+        # before this one, while no perturbation was set yet.
+        self._inside = True
+        try:
+            self.handle.ensure_probed(*args, **kwargs)
+        finally:
+            self._inside = False
         batch = _sample_of(args, kwargs).shape[0]
         cfg = self._cfg(batch)
         n = batch // 2 if cfg else batch

@@ -142,13 +142,18 @@ class ASAGHandle:
         self.select(self.selection)
         return self
 
+    def ensure_probed(self, *args, **kwargs) -> None:
+        """Probes with these inputs unless the layers are classified already."""
+        if not self.resolved and not self._probing:
+            self.probe(*args, **kwargs)
+
     def _model_pre_hook(self, model, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         text = kwargs.get("encoder_hidden_states")
         self._model_tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
         self._model_text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
-        if not self.resolved and not self._probing and self._perturbation is not None:
-            self.probe(*args, **kwargs)  # first guided call: classify the layers first
+        if self._perturbation is not None:
+            self.ensure_probed(*args, **kwargs)  # first guided call: classify the layers first
 
     # ---- per-call hooks ------------------------------------------------------------------
 

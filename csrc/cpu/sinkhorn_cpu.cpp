@@ -238,8 +238,7 @@ struct AttentionArgs {
   at::Tensor out;           // (S, Nq, Dv) accumulation dtype, or undefined (logits only)
   int64_t heads = 1;
   T scale, lam, inv_tau;
-  const T* bias = nullptr;  // expanded (B, H, Nq, Nk) view
-  int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
+  BiasView<T> bias;
   const bool* key_mask = nullptr;  // (S, Nk) contiguous
 };
 
@@ -262,12 +261,12 @@ void slice_logits(const AttentionArgs<T>& a, int64_t s, at::Tensor& L, bool para
   norms(qp, nq, rq.data());
   norms(kp, nk, rk.data());
   const int64_t b = s / a.heads, h = s % a.heads;
-  const T* bias = a.bias ? a.bias + b * a.bias_sb + h * a.bias_sh : nullptr;
+  const T* bias = a.bias.ptr ? a.bias.ptr + b * a.bias.sb + h * a.bias.sh : nullptr;
   const bool* valid = a.key_mask ? a.key_mask + s * nk : nullptr;
   T* Lp = L.data_ptr<T>();
   for_row_blocks(nq, parallel, [&](int64_t r0, int64_t r1, int) {
     logits_rows(Lp, r0, r1, nk, rq.data(), rk.data(), a.scale, a.lam, a.inv_tau, bias,
-                a.bias_si, a.bias_sj, valid);
+                a.bias.si, a.bias.sj, valid);
   });
 }
 
@@ -295,26 +294,18 @@ void for_slices(int64_t S, int64_t nq, int64_t nk, const F& fn, const B& own_buf
   }
 }
 
+// q3, k3, v3: (S, N, D) in the accumulation dtype (as_slices); v3, bias, mask may be undefined.
 template <typename T>
-AttentionArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           double lam, double tau, double scale, at::ScalarType acc,
+AttentionArgs<T> make_args(const at::Tensor& q3, const at::Tensor& k3, const at::Tensor& v3,
+                           int64_t heads, double lam, double tau, double scale,
                            const at::Tensor& bias, const at::Tensor& key_mask) {
   AttentionArgs<T> a;
-  const int64_t B = q.size(0), H = q.size(1);
-  a.heads = H;
-  a.q = q.to(acc).contiguous().view({B * H, q.size(2), q.size(3)});
-  a.k = k.to(acc).contiguous().view({B * H, k.size(2), k.size(3)});
-  if (v.defined()) a.v = v.to(acc).contiguous().view({B * H, v.size(2), v.size(3)});
+  a.q = q3, a.k = k3, a.v = v3;
+  a.heads = heads;
   a.scale = T(scale);
   a.lam = T(lam);
   a.inv_tau = T(1.0 / tau);
-  if (bias.defined()) {
-    a.bias = bias.data_ptr<T>();
-    a.bias_sb = bias.stride(0);
-    a.bias_sh = bias.stride(1);
-    a.bias_si = bias.stride(2);
-    a.bias_sj = bias.stride(3);
-  }
+  a.bias = bias_view<T>(bias);
   if (key_mask.defined()) a.key_mask = key_mask.data_ptr<bool>();
   return a;
 }
@@ -331,8 +322,8 @@ at::Tensor adversarial_logits_cpu(const at::Tensor& q, const at::Tensor& k, doub
   at::Tensor out = at::empty({B, H, nq, nk}, q.options().dtype(acc));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(acc, "asag_adversarial_logits_cpu", [&] {
-    auto a = make_args<scalar_t>(q, k, at::Tensor(), lam, tau, scale, acc, at::Tensor(),
-                                 at::Tensor());
+    auto a = make_args<scalar_t>(as_slices(q, acc), as_slices(k, acc), at::Tensor(), H, lam, tau,
+                                 scale, at::Tensor(), at::Tensor());
     at::Tensor out3 = out.view({B * H, nq, nk});
     for_slices<scalar_t>(
         B * H, nq, nk,
@@ -367,18 +358,14 @@ at::Tensor sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k, cons
                                   const c10::optional<at::Tensor>& attn_bias) {
   check_attention_call(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto acc = accumulation_dtype(q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2), dv = v.size(3);
-  at::Tensor out = at::zeros({B, H, nq, dv}, q.options().dtype(acc));
-  if (out.numel() == 0 || nk == 0) return out.to(q.scalar_type());
-  at::Tensor bias, mask;
-  if (attn_bias.has_value()) bias = prepare_bias(*attn_bias, acc, {B, H, nq, nk});
-  mask = slice_key_mask(key_mask, H);
-  AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_attention_cpu", [&] {
-    auto a = make_args<scalar_t>(q, k, v, lam, tau, scale, acc, bias, mask);
-    at::Tensor out3 = out.view({B * H, nq, dv});
+  const AttentionInputs in = attention_inputs(q, k, v, key_mask, attn_bias);
+  if (in.empty()) return in.out.to(q.scalar_type());
+  const int64_t nq = in.nq, nk = in.nk;
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "asag_sinkhorn_attention_cpu", [&] {
+    auto a = make_args<scalar_t>(in.q3, in.k3, in.v3, in.H, lam, tau, scale, in.bias, in.mask);
+    at::Tensor out3 = in.out.view({in.S, nq, in.dv});
     for_slices<scalar_t>(
-        B * H, nq, nk,
+        in.S, nq, nk,
         [&](int64_t s, at::Tensor& L, bool parallel) {
           slice_logits(a, s, L, parallel);
           const bool* valid = a.key_mask ? a.key_mask + s * nk : nullptr;
@@ -388,7 +375,7 @@ at::Tensor sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k, cons
         },
         [](int64_t) { return at::Tensor(); });
   });
-  return out.to(q.scalar_type());
+  return in.out.to(q.scalar_type());
 }
 
 }  // namespace

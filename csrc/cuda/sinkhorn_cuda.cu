@@ -85,12 +85,6 @@ __global__ void inverse_norms_kernel(const T* __restrict__ x, int64_t rows, int6
   if (lane == 0) r[row] = math::inverse_norm(ss);
 }
 
-template <typename T>
-struct BiasView {
-  const T* ptr = nullptr;  // expanded (B, H, Nq, Nk) view
-  int64_t sb = 0, sh = 0, si = 0, sj = 0;
-};
-
 // L (chunk of slices, Nq x Nk) holds q k^T; replaces it by the adversarial logits plus bias,
 // with -inf for masked keys. Slice sl of the chunk is global slice slice0 + sl.
 template <typename T>
@@ -347,13 +341,12 @@ at::Tensor adversarial_logits_cuda(const at::Tensor& q, const at::Tensor& k, dou
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulation_dtype(q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2);
   at::Tensor out = at::empty({B, H, nq, nk}, q.options().dtype(acc));
   if (out.numel() == 0) return out;
   const NoTF32 full_fp32;
   AT_DISPATCH_FLOATING_TYPES(acc, "asag_adversarial_logits_cuda", [&] {
-    const at::Tensor q3 = q.to(acc).contiguous().view({B * H, nq, d});
-    const at::Tensor k3 = k.to(acc).contiguous().view({B * H, nk, d});
+    const at::Tensor q3 = as_slices(q, acc), k3 = as_slices(k, acc);
     at::Tensor rq = at::empty({B * H, nq}, q3.options()), rk = at::empty({B * H, nk}, q3.options());
     launch_norms<scalar_t>(q3, rq);
     launch_norms<scalar_t>(k3, rk);
@@ -391,38 +384,25 @@ at::Tensor sinkhorn_attention_cuda(const at::Tensor& q, const at::Tensor& k, con
   check_attention_call(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto acc = accumulation_dtype(q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2);
-  const int64_t d = q.size(3), dv = v.size(3), S = B * H;
-  at::Tensor out = at::zeros({B, H, nq, dv}, q.options().dtype(acc));
-  if (out.numel() == 0 || nk == 0) return out.to(q.scalar_type());
-  const auto opts = q.options().dtype(acc);
-  at::Tensor bias, mask;
-  if (attn_bias.has_value()) bias = prepare_bias(*attn_bias, acc, {B, H, nq, nk});
-  mask = slice_key_mask(key_mask, H);  // (S, Nk)
+  const AttentionInputs in = attention_inputs(q, k, v, key_mask, attn_bias);
+  if (in.empty()) return in.out.to(q.scalar_type());
+  const int64_t H = in.H, S = in.S, nq = in.nq, nk = in.nk, dv = in.dv;
+  const auto opts = q.options().dtype(in.acc);
+  const at::Tensor& mask = in.mask;
   const at::Tensor lm = log_marginals(mask, S, nq, nk, opts);
   const NoTF32 full_fp32;
-  AT_DISPATCH_FLOATING_TYPES(acc, "asag_sinkhorn_attention_cuda", [&] {
-    const at::Tensor q3 = q.to(acc).contiguous().view({S, nq, d});
-    const at::Tensor k3 = k.to(acc).contiguous().view({S, nk, d});
-    const at::Tensor v3 = v.to(acc).contiguous().view({S, nk, dv});
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "asag_sinkhorn_attention_cuda", [&] {
+    const at::Tensor &q3 = in.q3, &k3 = in.k3, &v3 = in.v3;
     at::Tensor rq = at::empty({S, nq}, opts), rk = at::empty({S, nk}, opts);
     launch_norms<scalar_t>(q3, rq);
     launch_norms<scalar_t>(k3, rk);
-    BiasView<scalar_t> bv;
-    if (bias.defined()) {
-      bv.ptr = bias.data_ptr<scalar_t>();
-      bv.sb = bias.stride(0);
-      bv.sh = bias.stride(1);
-      bv.si = bias.stride(2);
-      bv.sj = bias.stride(3);
-    }
+    const BiasView<scalar_t> bv = bias_view<scalar_t>(in.bias);
     const bool* valid = mask.defined() ? mask.data_ptr<bool>() : nullptr;
     const int64_t per_slice =
         nq * nk * static_cast<int64_t>(sizeof(scalar_t)) + sinkhorn_workspace_bytes<scalar_t>(nq, nk);
     const int64_t chunk = slices_per_chunk(S, per_slice);
     at::Tensor buffer = at::empty({chunk, nq, nk}, opts);
-    at::Tensor out3 = out.view({S, nq, dv});
+    at::Tensor out3 = in.out.view({S, nq, dv});
     for (int64_t s0 = 0; s0 < S; s0 += chunk) {
       const int64_t c = std::min(chunk, S - s0);
       at::Tensor L = buffer.narrow(0, 0, c);
@@ -433,7 +413,7 @@ at::Tensor sinkhorn_attention_cuda(const at::Tensor& q, const at::Tensor& k, con
       at::bmm_out(o, L, v3.narrow(0, s0, c));
     }
   });
-  return out.to(q.scalar_type());
+  return in.out.to(q.scalar_type());
 }
 
 }  // namespace

@@ -27,11 +27,65 @@ inline at::Tensor prepare_bias(const at::Tensor& bias, at::ScalarType acc, at::I
   return b.expand(shape);
 }
 
+// x (B, H, N, D) as (B*H, N, D), contiguous, in the accumulation dtype.
+inline at::Tensor as_slices(const at::Tensor& x, at::ScalarType acc) {
+  return x.to(acc).contiguous().view({x.size(0) * x.size(1), x.size(2), x.size(3)});
+}
+
+// A bias expanded to (B, H, Nq, Nk): its data and strides (0 where it broadcasts), passed by
+// value to the kernels of every device.
+template <typename T>
+struct BiasView {
+  const T* ptr = nullptr;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+};
+
+template <typename T>
+BiasView<T> bias_view(const at::Tensor& bias) {
+  BiasView<T> view;
+  if (bias.defined()) {
+    view.ptr = bias.data_ptr<T>();
+    view.sb = bias.stride(0);
+    view.sh = bias.stride(1);
+    view.si = bias.stride(2);
+    view.sj = bias.stride(3);
+  }
+  return view;
+}
+
 // The key mask of every (b, h) slice as a contiguous (S, Nk) bool tensor, from the (B, Nk)
 // mask of an attention call (undefined when there is none).
 inline at::Tensor slice_key_mask(const c10::optional<at::Tensor>& key_mask, int64_t heads) {
   if (!key_mask.has_value()) return at::Tensor();
   return key_mask->repeat_interleave(heads, 0).contiguous();
+}
+
+// The inputs of one sinkhorn_attention call, prepared alike for every device: the zero
+// output (B, H, Nq, Dv) and q, k, v as (S, N, D) in the accumulation dtype, the bias expanded
+// to (B, H, Nq, Nk), the key mask as (S, Nk). When `empty()`, the zero output is the answer.
+struct AttentionInputs {
+  int64_t B = 0, H = 0, S = 0, nq = 0, nk = 0, dv = 0;
+  at::ScalarType acc = at::kFloat;
+  at::Tensor out, q3, k3, v3, bias, mask;
+  bool empty() const { return out.numel() == 0 || nk == 0; }
+};
+
+inline AttentionInputs attention_inputs(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v,
+                                        const c10::optional<at::Tensor>& key_mask,
+                                        const c10::optional<at::Tensor>& attn_bias) {
+  AttentionInputs in;
+  in.acc = accumulation_dtype(q.scalar_type());
+  in.B = q.size(0), in.H = q.size(1), in.S = in.B * in.H;
+  in.nq = q.size(2), in.nk = k.size(2), in.dv = v.size(3);
+  in.out = at::zeros({in.B, in.H, in.nq, in.dv}, q.options().dtype(in.acc));
+  if (in.empty()) return in;
+  in.q3 = as_slices(q, in.acc);
+  in.k3 = as_slices(k, in.acc);
+  in.v3 = as_slices(v, in.acc);
+  if (attn_bias.has_value()) in.bias = prepare_bias(*attn_bias, in.acc, {in.B, in.H, in.nq, in.nk});
+  in.mask = slice_key_mask(key_mask, in.H);
+  return in;
 }
 
 // The working copy of a sinkhorn() call: `plan` holds the logits in the accumulation dtype
