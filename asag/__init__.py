@@ -7,7 +7,7 @@
 
 from . import ops
 from ._extension import build_info
-from .patching import ASAGHandle, apply, remove
+from .patching import ASAGHandle, apply, register_attention, remove
 from .guidance import ASAGConfig, disable, enable, guided_prediction
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "enable",
     "guided_prediction",
     "ops",
+    "register_attention",
     "remove",
     "__version__",
 ]

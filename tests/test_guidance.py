@@ -9,6 +9,7 @@ import asag
 import tiny_models
 import tiny_pipelines
 from asag.guidance import ASAGConfig, Schedule, combine, guided_prediction, rescale
+from asag.patching.handle import thread_state
 
 PIPELINES = list(tiny_pipelines.PIPELINES)
 
@@ -133,7 +134,7 @@ def test_schedule_reaches_the_attention_layers():
     with asag.enable(pipe, scale=3.0, lam=4.0, lam_end=1.0, lam_schedule="linear") as guidance:
         handle = guidance.handle
         original = handle._on_sdpa
-        handle._on_sdpa = lambda layer, out, a, k: (lams.append(handle._perturbation.lam) if handle._perturbation else None) or original(layer, out, a, k)
+        handle._on_sdpa = lambda entry, a, k: lams.append(thread_state(handle).perturbation.lam) or original(entry, a, k)
         tiny_pipelines.run(pipe, kwargs)
     assert lams == pytest.approx([4.0, 3.0, 2.0, 1.0])
 

@@ -7,7 +7,7 @@ import torch
 
 import asag
 import tiny_models
-from asag.patching.perturb import Perturbation, perturbed_sdpa
+from asag.patching.perturb import Perturbation, perturbed_sdpa, row_ranges
 
 SUPPORTED = [name for name in tiny_models.FAMILIES if name != "sana"]
 JOINT = ["sd3", "sd35", "flux", "cogvideox"]
@@ -101,15 +101,20 @@ def test_joint_attention_keeps_text_rows(family):
     handle.remove()
 
 
+def _perturb(sdpa, p, joint=None):
+    batch = sdpa["query"].shape[0]
+    return perturbed_sdpa(sdpa, p, row_ranges(p, batch, batch, 0), joint)
+
+
 def test_joint_math_reduces_to_attention_and_keeps_text_shares():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 12, 8, generator=g) for _ in range(3))
     base = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     sdpa = dict(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
     for text_first in (True, False):
-        same = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 0.0, 0), joint=(4, text_first))
+        same = _perturb(sdpa, Perturbation(2, (1,), 0.0, 0), (4, text_first))
         torch.testing.assert_close(same, base, atol=1e-6, rtol=1e-5)
-        adv = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 5.0, 5), joint=(4, text_first))
+        adv = _perturb(sdpa, Perturbation(2, (1,), 5.0, 5), (4, text_first))
         text = slice(0, 4) if text_first else slice(8, 12)
         assert torch.equal(adv[:, :, text], base[:, :, text]) and torch.equal(adv[0], base[0])
         assert (adv[1] - base[1]).abs().max() > 1e-3
@@ -310,13 +315,13 @@ def test_comparison_variants():
     q, k, v = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(3))
     base = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     sdpa = dict(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
-    pag = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 0.0, 0, variant="identity"), None)
+    pag = _perturb(sdpa, Perturbation(2, (1,), 0.0, 0, variant="identity"))
     assert torch.equal(pag[1], v[1]) and torch.equal(pag[0], base[0])  # PAG: output = value
-    noisy = [perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 3.0, 0, variant="noise", seed=s), None) for s in (0, 0, 1)]
+    noisy = [_perturb(sdpa, Perturbation(2, (1,), 3.0, 0, variant="noise", seed=s)) for s in (0, 0, 1)]
     assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])  # seeded
-    same = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 0.0, 0, variant="noise"), None)
+    same = _perturb(sdpa, Perturbation(2, (1,), 0.0, 0, variant="noise"))
     torch.testing.assert_close(same, base)
-    blurred = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 100.0, 0, variant="blur"), None)
+    blurred = _perturb(sdpa, Perturbation(2, (1,), 100.0, 0, variant="blur"))
     uniform_q = q[1].mean(dim=-2, keepdim=True).expand_as(q[1])  # huge sigma: every query alike
     torch.testing.assert_close(blurred[1], torch.nn.functional.scaled_dot_product_attention(uniform_q, k[1], v[1]), atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="variant must be one of"):
@@ -343,7 +348,7 @@ def test_causal_gqa_and_masked_sdpa_calls():
     for extra in (dict(is_causal=True, enable_gqa=True), dict(attn_mask=mask, enable_gqa=True)):
         base = torch.nn.functional.scaled_dot_product_attention(q, k, v, **extra)
         sdpa = dict(dict(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False), **extra)
-        out = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 0.0, 0), None)
+        out = _perturb(sdpa, Perturbation(2, (1,), 0.0, 0))
         torch.testing.assert_close(out, base, atol=1e-5, rtol=1e-5)
-        adv = perturbed_sdpa(base, sdpa, Perturbation(2, (1,), 3.0, 4), None)
+        adv = _perturb(sdpa, Perturbation(2, (1,), 3.0, 4))
         assert torch.equal(adv[:2], base[:2]) and torch.isfinite(adv).all()

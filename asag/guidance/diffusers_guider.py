@@ -14,6 +14,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from ..patching import apply as apply_asag
+from ..patching.apply import unwrap
+from ..patching.handle import existing_handle
 from .config import ASAGConfig
 from .formula import combine, rescale
 
@@ -61,6 +63,8 @@ class AdversarialSinkhornGuidance(BaseGuidance):
             rescale=guidance_rescale, layers=layers,
         )
         self._handle = None
+        self._owns_handle = False
+        self._key = ("asag guider", id(self))
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -110,13 +114,27 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         self._count_prepared += 1
         if not self._is_adversarial_pass():
             return
-        if self._handle is None or self._handle.removed or self._handle.model is not denoiser:
-            self._handle = apply_asag(denoiser, layers=self.asag.layers)
-        self._handle._perturbation = self.asag.perturbation(self._progress())
+        model = unwrap(denoiser)
+        handle = self._handle
+        if handle is None or handle.removed or handle.model is not model:
+            existing = existing_handle(model)
+            self._owns_handle = existing is None
+            handle = self._handle = existing if existing is not None else apply_asag(model, layers=self.asag.layers)
+        elif self._owns_handle:
+            handle.attach()  # hooks only while this guider's adversarial pass runs
+        handle._add_user(self._key, self.asag.layers)
+        handle._begin_call(self.asag.perturbation(self._progress()), self._key, nested=True)
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
-        if self._handle is not None:
-            self._handle._perturbation = None
+        """Ends the adversarial pass. The hooks asag added go with it (the probe's findings are
+        kept for the next pass), so swapping this guider out leaves the denoiser as it was."""
+        handle = self._handle
+        if handle is None or handle.removed:
+            return
+        handle._end_call()
+        handle._remove_user(self._key)
+        if self._owns_handle:
+            handle.detach()
 
     def forward(
         self,

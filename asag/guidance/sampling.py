@@ -4,7 +4,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
+import contextlib
+
 from ..patching import apply as apply_asag
+from ..patching.apply import unwrap
+from ..patching.handle import existing_handle
 from .config import ASAGConfig
 from .formula import combine, rescale
 
@@ -58,34 +62,30 @@ def guided_prediction(
     use_cfg = uncond is not None and cfg_scale > 1
     pick = output or _prediction
     asag_on = config.active_at(progress)
-    handle = apply_asag(model, layers=config.layers) if asag_on else None
+    handle = (existing_handle(unwrap(model)) or apply_asag(model, layers=config.layers)) if asag_on else None
     branches = ([dict(uncond)] if use_cfg else []) + [cond] + ([cond] if asag_on else [])
     b = x.shape[0]
     if config.mode == "batched":
         k = len(branches)
         kwargs = _cat(branches)
-        if asag_on:
-            handle._perturbation = config.perturbation(progress, k, (k - 1,), seed)
-        try:
+        with handle.perturbing(config.perturbation(progress, k, (k - 1,), seed), config.layers) if asag_on else _nothing():
             out = pick(model(torch.cat([x] * k), _batched_t(t, b, k), **kwargs))
-        finally:
-            if asag_on:
-                handle._perturbation = None
         preds = list(out.chunk(k))
     else:
         preds = [pick(model(x, t, **kw)) for kw in branches[: len(branches) - int(asag_on)]]
         if asag_on:
-            handle._perturbation = config.perturbation(progress, seed=seed)
-            try:
+            with handle.perturbing(config.perturbation(progress, seed=seed), config.layers):
                 preds.append(pick(model(x, t, **cond)))
-            finally:
-                handle._perturbation = None
     eps_u = preds[0] if use_cfg else None
     eps_c = preds[1 if use_cfg else 0]
     if not asag_on:
         return eps_c if eps_u is None else eps_u + cfg_scale * (eps_c - eps_u)
     eps = combine(eps_c, preds[-1], config.scale_at(progress), eps_uncond=eps_u, cfg_scale=cfg_scale)
     return rescale(eps, eps_c, config.rescale)
+
+
+def _nothing():
+    return contextlib.nullcontext()
 
 
 def _prediction(out) -> torch.Tensor:

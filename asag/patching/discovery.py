@@ -1,98 +1,37 @@
-"""Finding attention modules in a model and telling self, cross and joint attention apart.
+"""Which modules are attention layers, of which kind, and where their text tokens are.
 
-Static attributes are not trusted (most new diffusers attention classes lack
-``is_cross_attention``; CogVideoX's ``attn1`` and Flux's single-stream blocks mix text and
-image tokens). A probe forward pass records, per module, the token counts it was given and the
-query/key lengths that reached ``scaled_dot_product_attention``; :func:`classify` decides from
-those.
+A module is an attention layer when its forward called ``scaled_dot_product_attention`` in the
+probe pass (:mod:`asag.patching.probe`), whatever its class; registered classes that never did
+are listed too, as unsupported, with the reason. Each layer's kind comes from the first rule
+of :data:`RULES` that fits what the probe saw, tried in the order the layers ran:
+
+=====  ==========  ===========================================================================
+kind   text rows   when
+=====  ==========  ===========================================================================
+cross  -           queries and keys differ in length (attention to text or another sequence)
+text   all         no query row changed when the image input changed (text refiners)
+tempo  -           a video model's attention across its frames (few tokens, many sequences)
+joint  by the cat  the module was handed text, and concatenated it with its own tokens
+joint  by rows     some query rows changed with the image input and a contiguous block did not
+joint  by the cat  the sequence was built by concatenating a known image stream with other
+                   tokens before the module ran (single-stream blocks)
+joint  inherited   an earlier layer's joint sequence of the same length (the same stream)
+self   -           as many tokens as the module was given, with no text merged in
+=====  ==========  ===========================================================================
+
+Anything else is "unsupported", with the reason; :func:`asag.apply` warns about those.
+Self and joint layers are perturbed by the presets; temporal layers only when named.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-# Processors (or attention classes) that concatenate text and image tokens, by token order.
-IMAGE_FIRST = {
-    "JointAttnProcessor2_0",
-    "FusedJointAttnProcessor2_0",
-    "PAGJointAttnProcessor2_0",
-    "PAGCFGJointAttnProcessor2_0",
-}
-TEXT_FIRST = {
-    "FluxAttnProcessor",
-    "FluxAttnProcessor2_0",
-    "FluxAttention",
-    "CogVideoXAttnProcessor2_0",
-    "FusedCogVideoXAttnProcessor2_0",
-}
+from .probe import Cat, ModuleCall, ProbePass
+from .registry import lookup
 
-
-def _attention_base_classes():
-    classes = []
-    try:
-        from diffusers.models.attention_processor import Attention
-
-        classes.append(Attention)
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.attention import AttentionModuleMixin
-
-        classes.append(AttentionModuleMixin)
-    except ImportError:
-        pass
-    try:
-        from timm.layers import Attention as TimmAttention
-
-        classes.append(TimmAttention)
-    except ImportError:
-        pass
-    return tuple(classes)
-
-
-def is_timm_attention(module: torch.nn.Module) -> bool:
-    return type(module).__module__.startswith("timm.") and hasattr(module, "fused_attn")
-
-
-def find_attention_modules(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
-    """(name, module) of every attention module: diffusers ``Attention`` and
-    ``AttentionModuleMixin`` classes, and timm ``Attention`` (nested ones are skipped)."""
-    bases = _attention_base_classes()
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, bases) and not any(name.startswith(n + ".") for n, _ in found):
-            found.append((name, module))
-    return found
-
-
-def processor_name(module: torch.nn.Module) -> str:
-    processor = getattr(module, "processor", None)
-    return type(processor).__name__ if processor is not None else type(module).__name__
-
-
-def token_count(t) -> Optional[int]:
-    """Tokens in a (B, N, C) sequence or a (B, C, H, W) feature map."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    if t.dim() == 3:
-        return t.shape[1]
-    if t.dim() == 4:
-        return t.shape[2] * t.shape[3]
-    return None
-
-
-@dataclass
-class CallRecord:
-    """What one forward call of an attention module showed."""
-
-    hidden_tokens: Optional[int]  # tokens of the module's hidden_states input
-    text_tokens: Optional[int]  # tokens of its encoder_hidden_states input, if any
-    model_text_tokens: Optional[int]  # the model call's encoder_hidden_states tokens
-    model_tokens: Optional[int]  # the model call's hidden_states tokens (sequence inputs)
-    sdpa: List[Tuple[tuple, tuple]] = field(default_factory=list)  # (q shape, k shape)
-    value_check: Optional[str] = None  # "image_first" / "text_first" from matching v rows
-    hidden_states: Optional[torch.Tensor] = field(default=None, repr=False)  # during the call
+PERTURBABLE = ("self", "joint", "temporal")
 
 
 @dataclass
@@ -102,19 +41,21 @@ class LayerInfo:
     name: str
     module: torch.nn.Module = field(repr=False)
     index: int
-    kind: str = "unknown"  # self | joint | cross | unsupported | unknown (not probed yet)
+    kind: str = "unknown"  # self | joint | cross | text | temporal | unsupported | unknown
     processor: str = ""
     heads: Optional[int] = None
     head_dim: Optional[int] = None
     tokens: Optional[int] = None  # query tokens seen by SDPA in the probe
     text_tokens: int = 0  # joint: text tokens in the probe
     text_first: Optional[bool] = None  # joint: token order
-    single_stream: bool = False  # joint layer whose text comes in the hidden states
+    single_stream: bool = False  # joint layer handed one sequence (its image count is fixed)
+    image_tokens: Optional[int] = None  # joint, single stream: image tokens in the sequence
+    rule: str = ""  # which rule classified it
     reason: str = ""  # why unsupported
 
     @property
     def perturbable(self) -> bool:
-        return self.kind in ("self", "joint")
+        return self.kind in PERTURBABLE
 
     def describe(self) -> str:
         shape = f"{self.heads} heads x {self.tokens} tokens x {self.head_dim}" if self.tokens else "not probed"
@@ -127,80 +68,194 @@ class LayerInfo:
         return f"{self.name}: {self.kind} [{self.processor}] {shape}{extra}"
 
 
-def classify(layer: LayerInfo, record: Optional[CallRecord]) -> None:
-    """Sets layer.kind (and shape, token order) from the probe's record of its first call."""
-    if record is None:
-        layer.kind, layer.reason = "unsupported", "not called during the probe forward pass"
-        return
-    if not record.sdpa and "Linear" in layer.processor:
-        layer.kind = "unsupported"
-        layer.reason = (
-            "linear attention (Sana): it has no softmax over keys for Sinkhorn to replace, and "
-            "giving the layer quadratic attention would change what the model computes"
-        )
-        return
-    if not record.sdpa:
-        layer.kind = "unsupported"
-        layer.reason = (
-            f"its processor {layer.processor} never called torch.nn.functional."
-            "scaled_dot_product_attention (xformers, sliced, linear attention or a non-native "
-            "attention backend); use the native SDPA processor/backend for this model"
-        )
-        return
-    q_shape, k_shape = record.sdpa[0]
-    q_len, k_len = q_shape[-2], k_shape[-2]
-    layer.heads = q_shape[1] if len(q_shape) == 4 else 1
-    layer.head_dim = q_shape[-1]
-    layer.tokens = q_len
-    h, e = record.hidden_tokens, record.text_tokens
+def processor_name(module: torch.nn.Module) -> str:
+    processor = getattr(module, "processor", None)
+    return type(processor).__name__ if processor is not None else type(module).__name__
+
+
+def static_layers(model: torch.nn.Module) -> List[LayerInfo]:
+    """The modules of registered attention classes (outermost ones), before any probe."""
+    found: List[LayerInfo] = []
+    for name, module in model.named_modules():
+        if lookup(module) is not None and not any(name.startswith(l.name + ".") for l in found):
+            found.append(LayerInfo(name, module, len(found), processor=processor_name(module)))
+    return found
+
+
+# ---- the rules ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """What the layers classified so far tell about the model's token streams."""
+
+    sample_shape: Optional[tuple]
+    image_counts: Set[int] = field(default_factory=set)
+    sequences: Dict[int, Tuple[bool, int]] = field(default_factory=dict)  # length -> (image first, n)
+    cats: List[Cat] = field(default_factory=list)
+
+
+def _joint(layer, image_first: bool, image_tokens: int, q_len: int, single: bool, rule: str, ctx: _Context):
+    layer.kind, layer.rule = "joint", rule
+    layer.text_first, layer.text_tokens = not image_first, q_len - image_tokens
+    layer.single_stream, layer.image_tokens = single, image_tokens
+    ctx.image_counts.add(image_tokens)
+    ctx.sequences[q_len] = (image_first, image_tokens)
+    return True
+
+
+def _rule_cross(layer, call, q_len, k_len, rows, ctx):
     if q_len != k_len:
-        if e is not None and k_len == e:
-            layer.kind = "cross"
-        else:
-            layer.kind, layer.reason = "unsupported", "queries and keys differ in length and the keys are not the text"
-        return
-    if e is not None and h is not None and q_len == h + e:
-        layer.kind, layer.text_tokens = "joint", e
-        layer.text_first = _text_first(layer, record)
-    elif (
-        e is None
-        and record.model_text_tokens
-        and record.model_tokens
-        and h == q_len == record.model_text_tokens + record.model_tokens
-    ):
-        layer.kind, layer.text_tokens, layer.single_stream = "joint", record.model_text_tokens, True
-        layer.text_first = _text_first(layer, None)
-    elif h is None or q_len == h:
-        layer.kind = "self"
-        return
-    else:
-        layer.kind, layer.reason = "unsupported", f"{q_len} query tokens for {h} input tokens"
-        return
-    if layer.text_first is None:
-        layer.kind, layer.reason = "unsupported", "joint attention whose text/image token order is unknown"
-
-
-def _text_first(layer: LayerInfo, record: Optional[CallRecord]) -> Optional[bool]:
-    names = {layer.processor, type(layer.module).__name__}
-    if names & TEXT_FIRST:
+        layer.kind, layer.rule = "cross", "queries and keys differ in length"
         return True
-    if names & IMAGE_FIRST:
+    return False
+
+
+def _rule_text(layer, call, q_len, k_len, rows, ctx):
+    if rows is not None and not bool(rows.any()):
+        layer.kind, layer.rule = "text", "no query row depends on the image input"
+        return True
+    return False
+
+
+def _rule_temporal(layer, call, q_len, k_len, rows, ctx):
+    shape = ctx.sample_shape
+    q_batch = call.sdpa[0].q_shape[0]
+    if shape is not None and len(shape) == 5 and q_len == shape[2] and q_batch > shape[0]:
+        layer.kind, layer.rule = "temporal", "attention across the frames of a video"
+        return True
+    return False
+
+
+def _rule_module_cat(layer, call, q_len, k_len, rows, ctx):
+    h, e = call.hidden_tokens, call.text_tokens
+    if e is None or h is None:
         return False
-    if record is not None and record.value_check is not None:
-        return record.value_check == "text_first"
-    return None
+    for cat in call.cats:
+        if sum(cat.lengths) != q_len:
+            continue
+        first, last = cat.lengths[0], cat.lengths[-1]
+        if first == h and sum(cat.lengths[1:]) <= e:
+            return _joint(layer, True, h, q_len, False, "text handed to the module, concatenated after its tokens", ctx)
+        if last == h and sum(cat.lengths[:-1]) <= e:
+            return _joint(layer, False, h, q_len, False, "text handed to the module, concatenated before its tokens", ctx)
+    if q_len == h + e:
+        layer.kind, layer.reason = "unsupported", "joint attention whose text/image token order could not be seen"
+        return True
+    return False
 
 
-def value_order(module: torch.nn.Module, hidden_states: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """Which end of the joint sequence holds the image tokens, found by projecting the
-    module's hidden states with its own ``to_v`` and matching SDPA's value rows."""
-    to_v = getattr(module, "to_v", None)
-    if to_v is None or hidden_states.dim() != 3 or v.dim() != 4:
-        return None
-    with torch.no_grad():
-        b, n = hidden_states.shape[:2]
-        mine = to_v(hidden_states).view(b, n, v.shape[1], v.shape[3]).transpose(1, 2)
-    for order, rows in (("image_first", v[:, :, :n]), ("text_first", v[:, :, -n:])):
-        if rows.shape == mine.shape and torch.allclose(rows, mine, atol=1e-4, rtol=1e-3):
-            return order
-    return None
+def _rule_rows(layer, call, q_len, k_len, rows, ctx):
+    if rows is None or bool(rows.all()):
+        return False
+    image = rows.nonzero().flatten()
+    n = len(image)
+    if int(image[0]) == 0 and int(image[-1]) == n - 1:
+        return _joint(layer, True, n, q_len, True, "image rows first, then rows that do not depend on the image", ctx)
+    if int(image[0]) == q_len - n and int(image[-1]) == q_len - 1:
+        return _joint(layer, False, n, q_len, True, "rows that do not depend on the image, then the image rows", ctx)
+    layer.kind, layer.reason = "unsupported", "image and non-image query rows interleave"
+    return True
+
+
+def _expand(cat: Cat, cats: List[Cat]) -> List[int]:
+    """A cat's pieces, with pieces that were themselves built by an earlier cat expanded."""
+    pieces = []
+    for length in cat.lengths:
+        inner = next((c for c in reversed(cats) if c.order < cat.order and c.batch == cat.batch and sum(c.lengths) == length), None)
+        pieces += _expand(inner, cats) if inner is not None else [length]
+    return pieces
+
+
+def _rule_model_cat(layer, call, q_len, k_len, rows, ctx):
+    before = [c for c in ctx.cats if c.order < call.order and c.batch == call.batch]
+    cat = next((c for c in reversed(before) if sum(c.lengths) == q_len), None)
+    if cat is None:
+        return False
+    pieces = _expand(cat, before)
+    if len(pieces) < 2:
+        return False
+    if pieces[0] in ctx.image_counts:
+        return _joint(layer, True, pieces[0], q_len, True, "sequence built as image tokens, then others", ctx)
+    if pieces[-1] in ctx.image_counts:
+        return _joint(layer, False, pieces[-1], q_len, True, "sequence built as other tokens, then image tokens", ctx)
+    return False
+
+
+def _rule_inherited(layer, call, q_len, k_len, rows, ctx):
+    if q_len in ctx.sequences:
+        image_first, n = ctx.sequences[q_len]
+        return _joint(layer, image_first, n, q_len, True, "same sequence as an earlier joint layer", ctx)
+    return False
+
+
+def _rule_self(layer, call, q_len, k_len, rows, ctx):
+    h = call.hidden_tokens
+    windowed = call.batch is not None and call.sdpa[0].q_shape[0] > call.batch  # tokens split into windows
+    if h is None or q_len == h or windowed:
+        layer.kind, layer.rule = "self", "as many tokens as the module was given, no text merged in"
+        ctx.image_counts.add(q_len)
+        return True
+    layer.kind, layer.reason = "unsupported", f"{q_len} query tokens for {h} input tokens"
+    return True
+
+
+RULES = (_rule_cross, _rule_text, _rule_temporal, _rule_module_cat, _rule_rows, _rule_model_cat, _rule_inherited, _rule_self)
+
+
+def _no_sdpa_reason(layer: LayerInfo, call: Optional[ModuleCall]) -> str:
+    if call is None:
+        return "not called during the probe forward pass"
+    if call.softmax:
+        return (
+            f"its processor {layer.processor} never called torch.nn.functional.scaled_dot_product_attention "
+            "(it computes softmax by hand, as sliced, xformers-free manual or older processors do); use the "
+            "native SDPA processor/backend, or see asag.register_attention"
+        )
+    if "Linear" in layer.processor or "linear" in layer.processor:
+        return (
+            "linear attention (Sana): it has no softmax over keys for Sinkhorn to replace, and giving the "
+            "layer quadratic attention would change what the model computes"
+        )
+    return (
+        f"its processor {layer.processor} never called torch.nn.functional.scaled_dot_product_attention "
+        "(xformers, linear attention or a non-native attention backend); use the native SDPA "
+        "processor/backend for this model"
+    )
+
+
+def classify(model: torch.nn.Module, base: ProbePass, dependence: Dict[str, list]) -> List[LayerInfo]:
+    """Every attention layer of ``model`` (registered classes and modules that called SDPA),
+    in module order, classified by :data:`RULES`."""
+    static = {l.name: l for l in static_layers(model)}
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    names = set(static) | {c.name for c in base.attention_calls()}
+    layers = {}
+    for name in sorted(names, key=lambda n: order.get(n, 0)):
+        module = static[name].module if name in static else model.get_submodule(name)
+        layers[name] = LayerInfo(name, module, 0, processor=processor_name(module))
+    ctx = _Context(base.sample_shape, cats=base.cats)
+    if base.sample_shape is not None and len(base.sample_shape) == 3:
+        ctx.image_counts.add(base.sample_shape[1])  # a sequence input: its tokens are the image
+    for call in base.attention_calls():
+        layer = layers[call.name]
+        first = call.sdpa[0]
+        q_len, k_len = first.q_shape[-2], first.k_shape[-2]
+        layer.heads = first.q_shape[1] if len(first.q_shape) == 4 else 1
+        layer.head_dim, layer.tokens = first.q_shape[-1], q_len
+        rows = (dependence.get(call.name) or [None])[0]
+        for rule in RULES:
+            if rule(layer, call, q_len, k_len, rows, ctx):
+                break
+    for layer in layers.values():
+        if layer.kind == "unknown":
+            layer.kind, layer.reason = "unsupported", _no_sdpa_reason(layer, base.calls.get(layer.name))
+    result = list(layers.values())
+    for i, layer in enumerate(result):
+        layer.index = i
+    return result
+
+
+def softmax_modules(base: ProbePass) -> List[str]:
+    """Modules that computed a softmax by hand in the probe (for error messages)."""
+    return [c.name for c in base.calls.values() if c.softmax and not c.sdpa]

@@ -1,51 +1,151 @@
 """The handle of a model patched by :func:`asag.apply`: its layers, guidance state and removal.
 
-Mechanism: torch-native forward pre/post hooks on each selected attention module enter a
-``TorchFunctionMode`` only while that module runs and only while a guidance context is
-active. The mode sees the module's calls of ``torch.nn.functional.scaled_dot_product_attention``
+Mechanism: forward pre/post hooks on each selected attention module enter a
+``TorchFunctionMode`` only while that module runs, and only on a thread inside a guidance
+block. The mode sees the module's calls of ``torch.nn.functional.scaled_dot_product_attention``
 with q, k, v as the processor built them (fused-qkv splits, qk-norm, rotary embeddings and
-joint concatenation included), lets the original call compute the whole batch, and replaces
-the perturbed chunks' rows. Nothing about the module is swapped or overridden: processors,
-state dicts, attributes and other hooks stay as they are, and removal leaves no trace.
+joint concatenation included), runs SDPA on the clean rows and asag's Sinkhorn attention on the
+perturbed ones. Nothing about the module is swapped or overridden: processors, state dicts,
+attributes and other hooks stay as they are, and removal leaves no trace.
+
+State: guidance belongs to the thread that opened it (a forward in another thread is never
+perturbed). Hooks are small objects that hold their handle, so ``copy.deepcopy`` of a patched
+model gives a copy patched by its own handle (``asag.apply(copy)`` returns it). An interrupt
+(any ``BaseException``) mid-forward leaves no mode on the thread's stack and no attribute
+changed once the guidance block or the pipeline call it interrupted is left.
 """
 
 import contextlib
+import threading
+import warnings
 import weakref
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .discovery import CallRecord, LayerInfo, classify, is_timm_attention, token_count, value_order
-from .perturb import Perturbation, bind_sdpa, perturbed_sdpa
+from . import discovery, probe
+from .discovery import LayerInfo
+from .perturb import Perturbation, bind_sdpa, perturbed_sdpa, row_ranges
+from .registry import lookup
 from .selection import Selection, select_layers
 
-_HANDLES: "weakref.WeakKeyDictionary[torch.nn.Module, ASAGHandle]" = weakref.WeakKeyDictionary()
+_local = threading.local()
+_disable = getattr(torch.compiler, "disable", None) or torch._dynamo.disable
+
+
+@dataclass
+class _Entry:
+    """One selected layer's call in flight on this thread."""
+
+    name: str
+    mode: Optional["_SDPAInterceptor"]
+    stack_depth: int
+    batch: int
+    hidden_tokens: Optional[int]
+    flag: Optional[tuple] = None  # (module, attribute, previous value) to restore
+    offset: int = 0  # rows of the module batch covered by earlier per-sample SDPA calls
+
+
+@dataclass
+class _ThreadState:
+    """Guidance state of one handle on one thread."""
+
+    perturbation: Optional[Perturbation] = None
+    key: object = None  # whose layer selection (a user of the handle), None: handle.selected
+    call_scoped: bool = False  # set by a pipeline for one denoiser call
+    nested: bool = False  # a forward the pipeline itself makes inside its call
+    probing: bool = False
+    hits: int = 0  # SDPA calls perturbed
+    forwards: List[int] = field(default_factory=list)  # hits at each model forward's start
+    entries: List[_Entry] = field(default_factory=list)
+
+
+def thread_state(handle: "ASAGHandle") -> _ThreadState:
+    states = getattr(_local, "states", None)
+    if states is None:
+        states = _local.states = weakref.WeakKeyDictionary()
+    state = states.get(handle)
+    if state is None:
+        state = states[handle] = _ThreadState()
+    return state
 
 
 class _SDPAInterceptor(TorchFunctionMode):
     """Routes the SDPA calls made while one attention module runs to its handle."""
 
-    def __init__(self, handle: "ASAGHandle", layer: LayerInfo):
+    def __init__(self, handle: "ASAGHandle", entry: _Entry):
         super().__init__()
-        self.handle, self.layer = handle, layer
+        self.handle, self.entry = handle, entry
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention:
-            out = self.handle._on_sdpa(self.layer, out, args, kwargs)
-        return out
+        if func is F.scaled_dot_product_attention and not self.handle.removed:
+            if any(e is self.entry for e in thread_state(self.handle).entries):  # not left over
+                return self.handle._on_sdpa(self.entry, args, kwargs)
+        return func(*args, **kwargs)
 
 
-def _module_inputs(module, args, kwargs):
-    """(hidden_states, encoder_hidden_states) of an attention module's call."""
-    hidden = kwargs.get("hidden_states", kwargs.get("x", args[0] if args else None))
-    text = kwargs.get("encoder_hidden_states")
-    if text is None and len(args) > 1 and isinstance(args[1], torch.Tensor) and not is_timm_attention(module):
-        text = args[1]
-    return hidden, text
+def _pop_modes(depth: int) -> None:
+    """Pops the thread's torch-function modes down to ``depth`` entries."""
+    while torch._C._len_torch_function_stack() > depth:
+        torch._C._pop_torch_function_stack()
+
+
+# Hooks are objects holding their handle (not closures), so that a deep copy of the model gets
+# hooks bound to a deep copy of the handle.
+
+
+class _LayerPre:
+    def __init__(self, handle, name):
+        self.handle, self.name = handle, name
+
+    @_disable
+    def __call__(self, module, args, kwargs):
+        self.handle._enter_layer(self.name, module, args, kwargs)
+
+
+class _LayerPost:
+    def __init__(self, handle, name):
+        self.handle, self.name = handle, name
+
+    @_disable
+    def __call__(self, module, args, kwargs, output):
+        self.handle._exit_layer(self.name)
+
+
+class _ModelPre:
+    def __init__(self, handle):
+        self.handle = handle
+
+    @_disable
+    def __call__(self, module, args, kwargs):
+        self.handle._enter_model(args, kwargs)
+
+
+class _ModelPost:
+    def __init__(self, handle):
+        self.handle = handle
+
+    @_disable
+    def __call__(self, module, args, kwargs, output):
+        self.handle._exit_model(raised=output is None)  # torch passes None when forward raised
+
+
+def _signature(args, kwargs) -> tuple:
+    """Shapes of a call's tensors without their batch size: a new one means new token counts."""
+    def shapes(obj):
+        if isinstance(obj, torch.Tensor):
+            return (tuple(obj.shape[1:]),)
+        if isinstance(obj, (list, tuple)):
+            return tuple(s for o in obj for s in shapes(o))
+        if isinstance(obj, dict):
+            return tuple((k, shapes(v)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0])))
+        return ()
+
+    return shapes(args) + shapes(kwargs)
 
 
 class ASAGHandle:
@@ -61,57 +161,104 @@ class ASAGHandle:
         self.selected: List[LayerInfo] = []
         self.resolved = False
         self.removed = False
-        self._perturbation: Optional[Perturbation] = None
+        self._users: Dict[object, Selection] = {}  # other selections (pipelines sharing the model)
+        self._user_layers: Dict[object, List[str]] = {}
         self._hooks: list = []
-        self._layer_hooks: list = []
-        self._probing = False
-        self._records: Dict[int, CallRecord] = {}
-        self._calls: Dict[int, List[CallRecord]] = {}
-        self._modes: Dict[int, List[_SDPAInterceptor]] = {}
-        self._timm_fused: Dict[int, List[bool]] = {}
-        self._model_text_tokens: Optional[int] = None
-        self._model_tokens: Optional[int] = None
+        self._layer_hooks: Dict[str, list] = {}
+        self._signature: Optional[tuple] = None
 
     # ---- set-up and removal -------------------------------------------------------------
 
     def _install(self) -> None:
-        self._hooks.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
-        _HANDLES[self.model] = self
+        self._hooks = [
+            self.model.register_forward_pre_hook(_ModelPre(self), with_kwargs=True, prepend=True),
+            self.model.register_forward_hook(_ModelPost(self), with_kwargs=True, always_call=True),
+        ]
 
-    def _hook_layers(self, layers: List[LayerInfo]) -> list:
-        hooks = []
-        try:
-            for layer in layers:
-                hooks.append(layer.module.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
-                hooks.append(
-                    layer.module.register_forward_hook(self._post_hook(layer), with_kwargs=True, always_call=True)
-                )
-        except Exception:
-            for h in hooks:
+    def _layer(self, name: str) -> Optional[LayerInfo]:
+        return next((l for l in self.layers if l.name == name), None)
+
+    def _hooked_names(self) -> List[str]:
+        names = [l.name for l in self.selected]
+        for user in self._user_layers.values():
+            names += [n for n in user if n not in names]
+        return names
+
+    def _rehook(self) -> None:
+        """Hooks exactly the layers some selection needs."""
+        wanted = self._hooked_names() if self._hooks else []
+        for name in [n for n in self._layer_hooks if n not in wanted]:
+            for h in self._layer_hooks.pop(name):
                 h.remove()
-            raise
-        return hooks
+        for name in wanted:
+            if name in self._layer_hooks:
+                continue
+            module = self._layer(name).module
+            hooks = [module.register_forward_pre_hook(_LayerPre(self, name), with_kwargs=True)]
+            try:
+                hooks.append(module.register_forward_hook(_LayerPost(self, name), with_kwargs=True, always_call=True))
+            except Exception:
+                hooks[0].remove()
+                raise
+            self._layer_hooks[name] = hooks
+
+    def _check_live(self) -> None:
+        if self.removed:
+            raise RuntimeError("this asag handle was removed; call asag.apply(model) again")
 
     def select(self, selection: Selection) -> "ASAGHandle":
         """Chooses the perturbed layers (see asag.patching.selection); re-hooks them."""
+        self._check_live()
         chosen = select_layers(self.layers, selection, require_kind=self.resolved)
         self.selection = selection
         if self.resolved:
-            hooks = self._hook_layers(chosen)
-            for h in self._layer_hooks:
-                h.remove()
-            self._layer_hooks, self.selected = hooks, chosen
+            self.selected = chosen
+            self._rehook()
         return self
+
+    def _add_user(self, key, selection: Selection) -> None:
+        """Registers another selection on this model (a pipeline's), under a hashable key."""
+        self._check_live()
+        names = [l.name for l in select_layers(self.layers, selection, require_kind=self.resolved)]
+        self._users[key] = selection
+        self._user_layers[key] = names if self.resolved else []
+        self._rehook()
+
+    def _remove_user(self, key) -> None:
+        self._users.pop(key, None)
+        self._user_layers.pop(key, None)
+        if self._hooks:
+            self._rehook()
+
+    def user_layers(self, key) -> frozenset:
+        """Names of the layers a selection perturbs (key None: the handle's own)."""
+        if key is None:
+            return frozenset(l.name for l in self.selected)
+        return frozenset(self._user_layers.get(key, ()))
+
+    def attach(self) -> None:
+        """(Re)installs every hook, keeping what the probe found."""
+        self._check_live()
+        if not self._hooks:
+            self._install()
+            self._rehook()
+
+    def detach(self) -> None:
+        """Removes every hook but keeps the probe's results, for a later :meth:`attach`."""
+        self._cleanup_thread()
+        for hooks in self._layer_hooks.values():
+            for h in hooks:
+                h.remove()
+        for h in self._hooks:
+            h.remove()
+        self._layer_hooks, self._hooks = {}, []
 
     def remove(self) -> None:
         """Removes every hook asag added; the model is as it was before asag.apply."""
-        for h in self._layer_hooks + self._hooks:
-            h.remove()
-        self._layer_hooks, self._hooks = [], []
-        self._perturbation = None
+        self.detach()
+        self._users.clear()
+        self._user_layers.clear()
         self.removed = True
-        if _HANDLES.get(self.model) is self:
-            del _HANDLES[self.model]
 
     def __enter__(self) -> "ASAGHandle":
         return self
@@ -119,126 +266,246 @@ class ASAGHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def __deepcopy__(self, memo):
+        copy = ASAGHandle.__new__(ASAGHandle)
+        memo[id(self)] = copy
+        for key, value in vars(self).items():
+            setattr(copy, key, _deepcopy(value, memo))
+        return copy
+
     # ---- probing -------------------------------------------------------------------------
 
     def probe(self, *args, **kwargs) -> "ASAGHandle":
-        """Runs one forward pass of the model on these inputs (no gradients, no guidance) to
-        classify every attention layer, then resolves the layer selection."""
-        if self.removed:
-            raise RuntimeError("this asag handle was removed; call asag.apply(model) again")
-        temporary = self._hook_layers(self.layers)
-        self._probing, self._records = True, {}
-        previous, self._perturbation = self._perturbation, None
+        """Runs the probe passes on these inputs (no gradients, no guidance: one forward pass,
+        and one more with a changed image input) to find and classify every attention layer,
+        then resolves the layer selection."""
+        self._check_live()
+        state = thread_state(self)
+        state.probing = True
         try:
-            with torch.no_grad():
-                self.model(*args, **kwargs)
+            base = probe.run_pass(self.model, args, kwargs)
+            if not base.attention_calls():
+                raise ValueError(self._no_attention_message(base))
+            dependence = probe.image_dependence(self.model, args, kwargs, base)
         finally:
-            self._probing, self._perturbation = False, previous
-            for h in temporary:
-                h.remove()
-        for layer in self.layers:
-            classify(layer, self._records.get(layer.index))
-        self.resolved = True
+            state.probing = False
+        layers = discovery.classify(self.model, base, dependence)
+        self.layers, self.resolved = layers, True
+        self._signature = _signature(args, kwargs)
+        for key, spec in self._users.items():
+            self._user_layers[key] = [l.name for l in select_layers(self.layers, spec, require_kind=True)]
         self.select(self.selection)
+        self._warn_unsupported()
         return self
 
-    def ensure_probed(self, *args, **kwargs) -> None:
-        """Probes with these inputs unless the layers are classified already."""
-        if not self.resolved and not self._probing:
-            self.probe(*args, **kwargs)
+    def _warn_unsupported(self) -> None:
+        """Names, once per set of layers, the attention layers asag found but cannot perturb."""
+        bad = [l for l in self.layers if l.kind == "unsupported"]
+        key = tuple(l.name for l in bad)
+        if not bad or getattr(self, "_warned", None) == key:
+            return
+        self._warned = key
+        listing = "; ".join(f"{l.name} ({l.reason})" for l in bad[:12]) + (" ..." if len(bad) > 12 else "")
+        warnings.warn(
+            f"asag cannot perturb {len(bad)} attention layer(s) of {type(self.model).__name__}; they are "
+            f"left as they are: {listing}",
+            UserWarning,
+            stacklevel=4,
+        )
 
-    def _model_pre_hook(self, model, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        text = kwargs.get("encoder_hidden_states")
-        self._model_tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
-        self._model_text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
-        if self._perturbation is not None:
-            self.ensure_probed(*args, **kwargs)  # first guided call: classify the layers first
+    def _no_attention_message(self, base) -> str:
+        manual = discovery.softmax_modules(base)
+        known = [f"{l.name} [{l.processor}]" for l in self.layers]
+        text = (
+            f"asag.apply found no attention layer it can use in {type(self.model).__name__}: its modules "
+            "never called torch.nn.functional.scaled_dot_product_attention"
+        )
+        if known:
+            text += f" (not even its {len(known)} attention modules, e.g. {known[0]})"
+        if manual:
+            text += (
+                f". These modules compute a softmax by hand: {', '.join(manual[:8])}"
+                f"{' ...' if len(manual) > 8 else ''}. asag needs SDPA: register their class with "
+                "asag.register_attention(cls, sdpa_flag=...) if it has a switch to an SDPA path, or make "
+                "its forward call torch.nn.functional.scaled_dot_product_attention"
+            )
+        return text
+
+    def ensure_probed(self, *args, **kwargs) -> None:
+        """Probes with these inputs unless the layers are classified for inputs of this shape."""
+        if thread_state(self).probing:
+            return
+        if not self.resolved:
+            self.probe(*args, **kwargs)
+        elif self._signature != _signature(args, kwargs) and any(l.single_stream for l in self.layers if l.name in self._hooked_names()):
+            self.probe(*args, **kwargs)  # new token counts: the joint sequences' layout changed
+
+    def selected_for(self, key) -> List[LayerInfo]:
+        names = self.user_layers(key)
+        return [l for l in self.layers if l.name in names]
 
     # ---- per-call hooks ------------------------------------------------------------------
 
-    def _pre_hook(self, layer: LayerInfo):
-        def hook(module, args, kwargs):
-            if not self._probing and self._perturbation is None:
-                return
-            hidden, text = _module_inputs(module, args, kwargs)
-            record = CallRecord(token_count(hidden), token_count(text), self._model_text_tokens, self._model_tokens)
-            record.hidden_states = hidden
-            self._calls.setdefault(layer.index, []).append(record)
-            if is_timm_attention(module):  # timm takes the SDPA path only when fused_attn is set
-                self._timm_fused.setdefault(layer.index, []).append(module.fused_attn)
-                module.fused_attn = True
-            mode = _SDPAInterceptor(self, layer)
-            self._modes.setdefault(layer.index, []).append(mode)
-            mode.__enter__()
+    def _enter_model(self, args, kwargs) -> None:
+        state = thread_state(self)
+        if state.probing:
+            return
+        if state.call_scoped and not state.nested:
+            self._cleanup_thread()  # a pipeline call on this thread was interrupted: forget it
+        if state.perturbation is not None:
+            self.ensure_probed(*args, **kwargs)
+            state.forwards.append(state.hits)
 
-        return hook
+    def _exit_model(self, raised: bool = False) -> None:
+        state = thread_state(self)
+        if state.probing or state.perturbation is None or not state.forwards:
+            return
+        start = state.forwards.pop()
+        if state.hits == start and not raised:
+            raise RuntimeError(self._no_op_message(state.key))
 
-    def _post_hook(self, layer: LayerInfo):
-        def hook(module, args, kwargs, output):
-            modes = self._modes.get(layer.index)
-            if not modes:
-                return
-            modes.pop().__exit__(None, None, None)
-            record = self._calls[layer.index].pop()
-            record.hidden_states = None
-            if self._probing and layer.index not in self._records:
-                self._records[layer.index] = record
-            if is_timm_attention(module):
-                module.fused_attn = self._timm_fused[layer.index].pop()
+    def _no_op_message(self, key) -> str:
+        layers = self.selected_for(key)
+        now = [f"{l.name}: processor {discovery.processor_name(l.module)} (probed: {l.processor})"
+               + (f", attention backend {b}" if (b := getattr(getattr(l.module, "processor", None), "_attention_backend", None)) else "")
+               for l in layers]
+        return (
+            "asag guidance reached no attention layer in this forward pass, so the perturbed branch "
+            "equals the plain one. The selected layers made no scaled_dot_product_attention call asag "
+            "could perturb: attention slicing, xformers, a non-native attention backend or a processor "
+            "swapped after asag probed the model bypass SDPA. Switch back to the default SDPA processor "
+            "(pipe.disable_attention_slicing(), model.set_default_attn_processor() or "
+            "model.reset_attention_backend()). Selected layers now: " + "; ".join(now)
+        )
 
-        return hook
+    def _enter_layer(self, name: str, module, args, kwargs) -> None:
+        state = thread_state(self)
+        if state.probing or state.perturbation is None or name not in self.user_layers(state.key):
+            return
+        hidden, _ = probe.module_inputs(args, kwargs)
+        batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 else None
+        entry = _Entry(name, None, torch._C._len_torch_function_stack(), batch, probe.token_count(hidden))
+        state.entries.append(entry)
+        registered = lookup(module)
+        if registered is not None and registered.sdpa_flag and hasattr(module, registered.sdpa_flag):
+            entry.flag = (module, registered.sdpa_flag, getattr(module, registered.sdpa_flag))
+            setattr(module, registered.sdpa_flag, True)
+        entry.mode = _SDPAInterceptor(self, entry)
+        entry.mode.__enter__()
 
-    def _on_sdpa(self, layer: LayerInfo, out, args, kwargs):
-        record = self._calls[layer.index][-1]
+    def _exit_layer(self, name: str) -> None:
+        state = thread_state(self)
+        if state.entries and state.entries[-1].name == name:
+            self._close(state.entries.pop())
+
+    @staticmethod
+    def _close(entry: _Entry) -> None:
+        _pop_modes(entry.stack_depth)
+        if entry.flag is not None:
+            module, attribute, value = entry.flag
+            setattr(module, attribute, value)
+
+    def _cleanup_thread(self) -> None:
+        """Undoes whatever an interrupted forward left on this thread: modes, flags, state."""
+        state = thread_state(self)
+        while state.entries:
+            self._close(state.entries.pop())
+        if state.call_scoped:
+            state.perturbation, state.key, state.call_scoped, state.nested = None, None, False, False
+        state.forwards.clear()
+
+    def _on_sdpa(self, entry: _Entry, args, kwargs):
+        state = thread_state(self)
+        p = state.perturbation
         sdpa = bind_sdpa(args, kwargs)
         q, k = sdpa["query"], sdpa["key"]
-        if self._probing:
-            if not record.sdpa:
-                record.sdpa.append((tuple(q.shape), tuple(k.shape)))
-                h, e = record.hidden_tokens, record.text_tokens
-                if e is not None and h is not None and q.shape[-2] == h + e and record.hidden_states is not None:
-                    record.value_check = value_order(layer.module, record.hidden_states, sdpa["value"])
-            return out
-        p = self._perturbation
-        if p is None or q.shape[-2] != k.shape[-2]:
-            return out
+        layer = self._layer(entry.name)
+        if p is None or layer is None or q.shape[-2] != k.shape[-2] or not layer.perturbable:
+            return F.scaled_dot_product_attention(*args, **kwargs)
         joint = None
         if layer.kind == "joint":
-            text = self._model_text_tokens if layer.single_stream else record.text_tokens
-            expected = record.hidden_tokens if layer.single_stream else (record.hidden_tokens or 0) + (text or 0)
-            if text is None or q.shape[-2] != expected:
-                return out
-            joint = (text, layer.text_first)
-        elif record.hidden_tokens is not None and q.shape[-2] != record.hidden_tokens:
-            return out  # not this layer's self-attention call
-        return perturbed_sdpa(out, sdpa, p, joint)
+            n = layer.image_tokens if layer.single_stream else entry.hidden_tokens
+            if n is None or not 0 < n <= q.shape[-2]:
+                return F.scaled_dot_product_attention(*args, **kwargs)
+            joint = (q.shape[-2] - n, layer.text_first)
+        module_batch = entry.batch if entry.batch else q.shape[0]
+        ranges = row_ranges(p, module_batch, q.shape[0], entry.offset)
+        if q.shape[0] < module_batch:
+            entry.offset += q.shape[0]
+        if not ranges:
+            return F.scaled_dot_product_attention(*args, **kwargs)
+        state.hits += 1
+        return perturbed_sdpa(sdpa, p, ranges, joint)
 
     # ---- guidance ------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def guidance(self, *, chunks: int, perturbed, lam: float, iters: int, tau: float = 1.0,
-                 variant: str = "sinkhorn", seed: int = 0):
-        """Within this block, batch chunks listed in ``perturbed`` (of ``chunks`` equal ones)
-        use Sinkhorn attention in the selected layers; every other chunk is computed exactly
-        as without asag. Without an active guidance block the model is untouched.
-        ``variant`` picks another perturbation for comparisons (see Perturbation)."""
-        perturbation = Perturbation(chunks, tuple(perturbed), lam, iters, tau, variant, seed)
-        if self.removed:
-            raise RuntimeError("this asag handle was removed; call asag.apply(model) again")
-        previous, self._perturbation = self._perturbation, perturbation
+                 variant: str = "sinkhorn", seed: int = 0, layers: Selection = None):
+        """Within this block, on this thread, batch chunks listed in ``perturbed`` (an index
+        or a list, of ``chunks`` equal ones) use Sinkhorn attention in the selected layers
+        (or in ``layers``, a selection for this block only); every other chunk is computed
+        exactly as without asag. Without an active guidance block the model is untouched.
+        ``variant`` picks another perturbation for comparisons (see Perturbation). A forward
+        pass in the block that perturbs no attention call raises (never a silent no-op)."""
+        with self.perturbing(Perturbation(chunks, perturbed, lam, iters, tau, variant, seed), layers):
+            yield self
+
+    @contextlib.contextmanager
+    def perturbing(self, perturbation: Perturbation, layers: Selection = None):
+        """:meth:`guidance` with a ready :class:`Perturbation` (what asag's samplers use)."""
+        self._check_live()
+        key = None
+        if layers is not None:
+            key = ("block", id(perturbation), threading.get_ident())
+            self._add_user(key, layers)
+        state = thread_state(self)
+        previous = (state.perturbation, state.key)
+        state.perturbation, state.key = perturbation, key
         try:
             yield self
         finally:
-            self._perturbation = previous
+            self._cleanup_thread()
+            state.perturbation, state.key = previous
+            if key is not None:
+                self._remove_user(key)
+
+    def _begin_call(self, perturbation: Perturbation, key, nested: bool = False) -> int:
+        """Guidance for one denoiser call made by a pipeline (asag.enable), on this thread,
+        until :meth:`_end_call`; an interrupted call is forgotten at the next forward. Returns
+        the count of perturbed SDPA calls so far, for :meth:`_check_reached`."""
+        state = thread_state(self)
+        state.perturbation, state.key, state.call_scoped, state.nested = perturbation, key, True, nested
+        return state.hits
+
+    def _end_call(self) -> None:
+        state = thread_state(self)
+        while state.entries:
+            self._close(state.entries.pop())
+        state.perturbation, state.key, state.call_scoped, state.nested = None, None, False, False
+
+    def _check_reached(self, start: int, key) -> None:
+        """Raises unless an SDPA call was perturbed since ``start`` (never a silent no-op)."""
+        if thread_state(self).hits == start:
+            raise RuntimeError(self._no_op_message(key))
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("probed" if self.resolved else "not probed yet")
         lines = [f"ASAGHandle({type(self.model).__name__}, {state}, {len(self.selected)} selected layers)"]
-        chosen = {l.index for l in self.selected}
-        lines += [("* " if l.index in chosen else "  ") + l.describe() for l in self.layers]
+        chosen = {l.name for l in self.selected}
+        lines += [("* " if l.name in chosen else "  ") + l.describe() for l in self.layers]
         return "\n".join(lines)
 
 
+def _deepcopy(value, memo):
+    import copy
+
+    return copy.deepcopy(value, memo)
+
+
 def existing_handle(model: torch.nn.Module) -> Optional[ASAGHandle]:
-    return _HANDLES.get(model)
+    """The live handle attached to ``model``, found through its hooks (so copies have theirs)."""
+    for hook in list(model._forward_pre_hooks.values()):
+        if isinstance(hook, _ModelPre) and not hook.handle.removed and hook.handle.model is model:
+            return hook.handle
+    return None

@@ -17,7 +17,7 @@ normal attention.
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,14 @@ class Perturbation:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.perturbed, int) and not isinstance(self.perturbed, bool):
+            object.__setattr__(self, "perturbed", (self.perturbed,))
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"chunks must be an int >= 1, got {self.chunks!r}")
-        bad = [p for p in self.perturbed if not (isinstance(p, int) and 0 <= p < self.chunks)]
+        if not isinstance(self.perturbed, (tuple, list)):
+            raise TypeError(f"perturbed must be a chunk index or a list of them, got {self.perturbed!r}")
+        object.__setattr__(self, "perturbed", tuple(self.perturbed))
+        bad = [p for p in self.perturbed if isinstance(p, bool) or not (isinstance(p, int) and 0 <= p < self.chunks)]
         if bad or not self.perturbed:
             raise ValueError(f"perturbed must list chunk indices in [0, {self.chunks}), got {self.perturbed!r}")
         ops._checks.check_scalars(lam=self.lam, iters=self.iters, tau=self.tau)
@@ -161,13 +166,15 @@ def adversarial_attention(q, k, v, bias, scale, p: Perturbation):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=noise, scale=scale)
 
 
-def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, base, text_tokens: int, text_first: bool):
-    """Joint attention with only its image-to-image block perturbed (module docstring)."""
+def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, text_tokens: int, text_first: bool):
+    """Joint attention with only its image-to-image block perturbed (module docstring). Text
+    query rows get plain SDPA over every key, as without asag."""
     n = q.shape[-2]
     if text_tokens <= 0:
         return adversarial_attention(q, k, v, bias, scale, p)
     txt = slice(0, text_tokens) if text_first else slice(n - text_tokens, n)
     img = slice(text_tokens, n) if text_first else slice(0, n - text_tokens)
+    text_rows = F.scaled_dot_product_attention(q[..., txt, :], k, v, attn_mask=_take(bias, txt, slice(None), n), scale=scale)
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_i, k_t, v_t, k_i, v_i = (t.to(f32) for t in (q[..., img, :], k[..., txt, :], v[..., txt, :], k[..., img, :], v[..., img, :]))
     if bias is not None and bias.dtype != torch.bool:
@@ -181,44 +188,77 @@ def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, base, text_tokens: int
     w_text = torch.nan_to_num(torch.exp(lse_t - torch.logaddexp(lse_t, lse_i)), nan=0.0)
     out_t = torch.nan_to_num(torch.softmax(s_t, dim=-1), nan=0.0) @ v_t
     out_i = adversarial_attention(q_i, k_i, v_i, bias_ii, scale, p).to(f32)
-    mixed = (w_text * out_t + (1 - w_text) * out_i).to(base.dtype)
-    parts = [base[..., txt, :], mixed] if text_first else [mixed, base[..., txt, :]]
+    mixed = (w_text * out_t + (1 - w_text) * out_i).to(text_rows.dtype)
+    parts = [text_rows, mixed] if text_first else [mixed, text_rows]
     return torch.cat(parts, dim=-2)
 
 
-def perturbed_sdpa(out: torch.Tensor, sdpa: dict, p: Perturbation, joint: Optional[Tuple[int, bool]]):
-    """The SDPA output `out` of the whole batch with its perturbed chunks replaced.
-    `joint`: (text tokens, text first) for joint attention, None for self-attention."""
+def row_ranges(p: Perturbation, module_batch: int, sdpa_batch: int, offset: int) -> List[Tuple[int, int]]:
+    """The perturbed rows of one SDPA call, as [start, stop) ranges of its batch.
+
+    The module's batch holds ``p.chunks`` equal chunks, one after another. An SDPA call covers
+    the whole module batch, the module batch times a factor (tokens split per frame or window,
+    batch-major), or a slice of it starting at ``offset`` (modules that call SDPA once per
+    sample)."""
+    if module_batch % p.chunks:
+        raise ValueError(
+            f"asag guidance expects a batch of {p.chunks} equal chunks, but this attention layer "
+            f"received a batch of {module_batch}"
+        )
+    per_chunk = module_batch // p.chunks
+    if sdpa_batch >= module_batch:
+        if sdpa_batch % module_batch:
+            raise ValueError(f"asag cannot map an SDPA batch of {sdpa_batch} onto a module batch of {module_batch}")
+        factor, offset = sdpa_batch // module_batch, 0
+    else:
+        factor = 1
+    ranges = []
+    for c in sorted(p.perturbed):
+        start = max(c * per_chunk, offset) - offset
+        stop = min((c + 1) * per_chunk, offset + sdpa_batch // factor) - offset
+        if stop > start:
+            if ranges and ranges[-1][1] == start * factor:
+                ranges[-1] = (ranges[-1][0], stop * factor)
+            else:
+                ranges.append((start * factor, stop * factor))
+    return ranges
+
+
+def perturbed_sdpa(sdpa: dict, p: Perturbation, ranges: List[Tuple[int, int]], joint: Optional[Tuple[int, bool]]):
+    """SDPA of one call with the batch rows in ``ranges`` perturbed and every other row
+    computed by SDPA as without asag (SDPA runs on those rows only). ``joint``: (text
+    tokens, text first) for joint attention, None for self-attention."""
     q, k, v = sdpa["query"], sdpa["key"], sdpa["value"]
+    mask, causal, scale = sdpa["attn_mask"], sdpa["is_causal"], sdpa["scale"]
     squeeze = q.dim() == 3
     if squeeze:
-        q, k, v, out = (t.unsqueeze(1) for t in (q, k, v, out))
+        q, k, v = (t.unsqueeze(1) for t in (q, k, v))
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)
     if q.dim() != 4:
         raise NotImplementedError(f"asag: SDPA inputs of {q.dim()} dims are not supported (expected 3 or 4)")
     batch = q.shape[0]
-    if batch % p.chunks:
-        raise ValueError(
-            f"asag guidance expects a batch of {p.chunks} equal chunks, but this attention layer "
-            f"received a batch of {batch}"
-        )
-    if sdpa["enable_gqa"] and k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scale = sdpa["scale"] if sdpa["scale"] is not None else q.shape[-1] ** -0.5
-    bias_all = _bias(sdpa["attn_mask"], sdpa["is_causal"], q.shape[-2], k.shape[-2], q.device)
-    n = batch // p.chunks
-    pieces = []
-    for c in range(p.chunks):
-        rows = slice(c * n, (c + 1) * n)
-        if c not in p.perturbed:
-            pieces.append(out[rows])
-            continue
-        bias = _rows(bias_all, c * n, (c + 1) * n, batch)
-        if joint is None:
-            adv = adversarial_attention(q[rows], k[rows], v[rows], bias, scale, p)
-        else:
-            adv = sinkhorn_joint(q[rows], k[rows], v[rows], bias, scale, p, out[rows], *joint)
-        pieces.append(adv.to(out.dtype))
-    result = torch.cat(pieces, dim=0)
+    gqa = sdpa["enable_gqa"] and k.shape[1] != q.shape[1]
+    scale_value = scale if scale is not None else q.shape[-1] ** -0.5
+    pieces, start = [], 0
+    for lo, hi in ranges + [(batch, batch)]:
+        if lo > start:  # clean rows: exactly what the model computes without asag
+            extra = {"enable_gqa": True} if gqa else {}
+            pieces.append(F.scaled_dot_product_attention(
+                q[start:lo], k[start:lo], v[start:lo], attn_mask=_rows(mask, start, lo, batch),
+                dropout_p=sdpa["dropout_p"], is_causal=causal, scale=scale, **extra,
+            ))
+        if hi > lo:
+            qp, kp, vp = q[lo:hi], k[lo:hi], v[lo:hi]
+            if gqa:
+                kp = kp.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                vp = vp.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            bias = _bias(_rows(mask, lo, hi, batch), causal, q.shape[-2], k.shape[-2], q.device)
+            if joint is None:
+                adv = adversarial_attention(qp, kp, vp, bias, scale_value, p)
+            else:
+                adv = sinkhorn_joint(qp, kp, vp, bias, scale_value, p, *joint)
+            pieces.append(adv.to(q.dtype))
+        start = max(start, hi)
+    result = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
     return result.squeeze(1) if squeeze else result
-

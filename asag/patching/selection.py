@@ -10,8 +10,11 @@ A selection is one item or a list of items, each of them:
   those of block 10: names match whole dotted components, unlike diffusers' PAG, whose
   ``re.search`` also picks ``blocks.10`` for ``blocks.1``);
 - a regular expression, matched against the whole name (``r"transformer_blocks\\.(1|2)\\..*"``);
-- an int: an index into the list of perturbable (self or joint) layers; negative counts from
+- an int: an index into the list of self- and joint-attention layers; negative counts from
   the end.
+
+Presets and indices reach self- and joint-attention layers; temporal layers (attention across
+a video's frames) are perturbed only when a name or pattern selects them.
 """
 
 import re
@@ -35,6 +38,7 @@ def _mid(layers: List[LayerInfo]) -> List[LayerInfo]:
 
 
 def _match_one(item, layers: List[LayerInfo], perturbable: List[LayerInfo]) -> List[LayerInfo]:
+    """The layers one selection item names (presets and indices among ``perturbable``)."""
     if isinstance(item, bool) or not isinstance(item, (int, str)):
         raise TypeError(f"layers items must be str or int, got {type(item).__name__}")
     if isinstance(item, int):
@@ -67,11 +71,12 @@ def select_layers(layers: List[LayerInfo], selection: Selection, *, require_kind
     items = ["mid"] if selection is None else ([selection] if isinstance(selection, (str, int)) else list(selection))
     if not items:
         raise ValueError("layers is empty: name at least one layer, or use 'mid' or 'all'")
-    perturbable = [l for l in layers if l.perturbable or (not require_kind and l.kind == "unknown")]
+    unknown_ok = lambda l: not require_kind and l.kind == "unknown"  # noqa: E731
+    spatial = [l for l in layers if l.kind in ("self", "joint") or unknown_ok(l)]
     chosen: List[LayerInfo] = []
     for item in items:
-        hits = _match_one(item, layers, perturbable)
-        usable = [l for l in hits if l in perturbable]
+        hits = _match_one(item, layers, spatial)
+        usable = [l for l in hits if l.perturbable or unknown_ok(l)]
         if not usable:
             raise ValueError(_no_match_message(item, hits, layers))
         chosen += [l for l in usable if l not in chosen]
@@ -89,7 +94,7 @@ def _no_match_message(item, hits: List[LayerInfo], layers: List[LayerInfo]) -> s
         why = "; ".join(f"{l.name} is {l.kind}" + (f" ({l.reason})" if l.reason else "") for l in hits[:5])
         return (
             f"layers={item!r} selects no self- or joint-attention layer: {why}. "
-            f"ASAG perturbs self-attention only. The model's attention layers:\n  {listing}"
+            f"ASAG perturbs self-attention (and joint attention's image tokens) only. The model's attention layers:\n  {listing}"
         )
     return (
         f"layers={item!r} matches no attention layer (presets: {', '.join(PRESETS)}; names match "
