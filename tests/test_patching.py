@@ -7,10 +7,32 @@ import torch
 
 import asag
 import tiny_models
+import tiny_models_more  # noqa: F401  (registers more families)
 from asag.patching.perturb import Perturbation, perturbed_sdpa, row_ranges
 
 SUPPORTED = [name for name in tiny_models.FAMILIES if name != "sana"]
-JOINT = ["sd3", "sd35", "flux", "cogvideox"]
+JOINT = [
+    "sd3", "sd35", "flux", "cogvideox", "mochi", "lumina2", "auraflow", "hidream", "hunyuan-video", "flux2",
+    "qwenimage", "cogview3plus", "cogview4", "chroma", "easyanimate", "consisid",
+]
+# What the probe must find: (family, layer name pattern, kind, text first, text tokens).
+EXPECTED = [
+    ("lumina2", r"noise_refiner\..*", "self", None, None),
+    ("lumina2", r"context_refiner\..*", "text", None, None),
+    ("lumina2", r"layers\..*", "joint", True, 7),
+    ("auraflow", r"single_transformer_blocks\..*", "joint", True, 13),  # 5 text + 8 register tokens
+    ("hidream", r"double_stream_blocks\..*", "joint", False, 19),
+    ("hidream", r"single_stream_blocks\..*", "joint", False, 19),
+    ("hunyuan-video", r"context_embedder\..*", "text", None, None),  # the token refiner
+    ("hunyuan-video", r"single_transformer_blocks\..*", "joint", False, 7),
+    ("flux2", r"single_transformer_blocks\..*", "joint", True, 6),
+    ("flux", r"single_transformer_blocks\..*", "joint", True, 5),
+    ("mochi", r"transformer_blocks\..*", "joint", False, 6),
+    ("mochi", r"time_embed\..*", "cross", None, None),
+    ("unet-motion", r".*motion_modules\..*", "temporal", None, None),
+    ("timm-eva", r"model\.blocks\..*", "joint", True, 1),  # the class token is not an image token
+    ("timm-rope", r"model\.blocks\..*", "joint", True, 1),
+]
 
 
 def _sample(out):
@@ -62,7 +84,7 @@ def test_guidance_changes_only_the_perturbed_chunk(family):
     with handle.guidance(chunks=3, perturbed=[2], lam=3.0, iters=5):
         guided = _run(model, x)
     assert torch.equal(guided[:2], base[:2])  # clean chunks: bit-identical
-    assert (guided[2] - base[2]).abs().max() > 1e-4  # the perturbed chunk differs
+    assert (guided[2] - base[2]).abs().max() > 1e-5  # the perturbed chunk differs
     assert torch.isfinite(guided).all()
     with handle.guidance(chunks=3, perturbed=[2], lam=0.0, iters=0):
         plain = _run(model, x)
@@ -104,6 +126,117 @@ def test_joint_attention_keeps_text_rows(family):
 def _perturb(sdpa, p, joint=None):
     batch = sdpa["query"].shape[0]
     return perturbed_sdpa(sdpa, p, row_ranges(p, batch, batch, 0), joint)
+
+
+@pytest.mark.parametrize("family,pattern,kind,text_first,text_tokens", EXPECTED)
+def test_layers_are_classified_by_what_runs(family, pattern, kind, text_first, text_tokens):
+    import re
+
+    model, inputs = tiny_models.build(family)
+    handle = asag.apply(model, layers="all", example_inputs=inputs(1))
+    hits = [l for l in handle.layers if re.fullmatch(pattern, l.name)]
+    assert hits, handle
+    for layer in hits:
+        assert layer.kind == kind, layer.describe()
+        if kind == "joint":
+            assert (layer.text_first, layer.text_tokens) == (text_first, text_tokens), layer.describe()
+    handle.remove()
+
+
+@pytest.mark.parametrize("family", ["lumina2", "hunyuan-video"])
+def test_text_only_blocks_are_never_perturbed(family):
+    model, inputs = tiny_models.build(family)
+    handle = asag.apply(model, layers="all", example_inputs=inputs(1))
+    text = [l for l in handle.layers if l.kind == "text"]
+    assert text and not any(l in handle.selected for l in text)
+    outputs = {l.name: [] for l in text}
+    hooks = [l.module.register_forward_hook(lambda m, a, out, n=l.name: outputs[n].append(out)) for l in text]
+    x = inputs(2)
+    _run(model, x)
+    with handle.guidance(chunks=2, perturbed=[1], lam=3.0, iters=5):
+        _run(model, x)
+    for h in hooks:
+        h.remove()
+    for name, (plain, guided) in outputs.items():
+        assert torch.equal(plain, guided), name
+    handle.remove()
+
+
+def test_temporal_layers_only_when_named():
+    model, inputs = tiny_models.build("unet-motion")
+    handle = asag.apply(model, layers="all", example_inputs=inputs(1))
+    assert handle.selected and all(l.kind == "self" for l in handle.selected)
+    handle.select(r".*motion_modules\.0\..*attn1")
+    assert handle.selected and all(l.kind == "temporal" for l in handle.selected)
+    x = inputs(2)
+    base = _run(model, x)
+    with handle.guidance(chunks=2, perturbed=[1], lam=3.0, iters=3):
+        guided = _run(model, x)
+    assert torch.equal(guided[0], base[0]) and (guided[1] - base[1]).abs().max() > 1e-5
+    handle.remove()
+
+
+class _ManualAttention(torch.nn.Module):
+    """Attention with a hand-written softmax and a switch to SDPA, as many codebases have."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.use_sdpa = heads, torch.nn.Linear(dim, 3 * dim), False
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.use_sdpa:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.softmax(q @ k.transpose(-1, -2) / (c // self.heads) ** 0.5, dim=-1) @ v
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+def test_manual_softmax_attention_is_named_and_can_be_registered():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_ManualAttention(), _ManualAttention())
+    x = torch.randn(2, 6, 16)
+    with pytest.raises(ValueError, match=r"compute a softmax by hand: 0, 1.*register_attention"):
+        asag.apply(model, example_inputs=(x[:1],))
+    base = model(x)
+    asag.register_attention(_ManualAttention, sdpa_flag="use_sdpa")
+    try:
+        handle = asag.apply(model, layers="all", example_inputs=(x[:1],))
+        assert [l.kind for l in handle.layers] == ["self", "self"]
+        with handle.guidance(chunks=2, perturbed=[1], lam=2.0, iters=3):
+            guided = model(x)
+        assert model[0].use_sdpa is False  # the switch is restored
+        torch.testing.assert_close(guided[0], base[0], atol=1e-6, rtol=1e-5)
+        assert (guided[1] - base[1]).abs().max() > 1e-4
+        handle.remove()
+    finally:
+        from asag.patching import registry
+
+        registry._REGISTRY[:] = [e for e in registry._REGISTRY if e.name != "_ManualAttention"]
+
+
+def test_custom_module_calling_sdpa_is_found_without_registration():
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.proj(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), Custom(), Custom())
+    x = torch.randn(2, 6, 16)
+    handle = asag.apply(model, layers="all", example_inputs=(x[:1],))
+    assert [(l.name, l.kind) for l in handle.layers] == [("1", "self"), ("2", "self")]
+    base = model(x)
+    with handle.guidance(chunks=2, perturbed=[1], lam=2.0, iters=3):
+        guided = model(x)
+    assert torch.equal(guided[0], base[0]) and not torch.equal(guided[1], base[1])
+    handle.remove()
 
 
 def test_joint_math_reduces_to_attention_and_keeps_text_shares():

@@ -12,9 +12,10 @@ cross  -           queries and keys differ in length (attention to text or anoth
 text   all         no query row changed when the image input changed (text refiners)
 tempo  -           a video model's attention across its frames (few tokens, many sequences)
 joint  by the cat  the module was handed text, and concatenated it with its own tokens
-joint  by rows     some query rows changed with the image input and a contiguous block did not
 joint  by the cat  the sequence was built by concatenating a known image stream with other
                    tokens before the module ran (single-stream blocks)
+joint  by rows     a contiguous block of query rows did not change with the image input, and
+                   the rows that did are as many as a known image stream
 joint  inherited   an earlier layer's joint sequence of the same length (the same stream)
 self   -           as many tokens as the module was given, with no text merged in
 =====  ==========  ===========================================================================
@@ -150,6 +151,8 @@ def _rule_rows(layer, call, q_len, k_len, rows, ctx):
         return False
     image = rows.nonzero().flatten()
     n = len(image)
+    if ctx.image_counts and n not in ctx.image_counts:
+        return False  # text rows already mixed with the image also depend on it: no clean split
     if int(image[0]) == 0 and int(image[-1]) == n - 1:
         return _joint(layer, True, n, q_len, True, "image rows first, then rows that do not depend on the image", ctx)
     if int(image[0]) == q_len - n and int(image[-1]) == q_len - 1:
@@ -200,7 +203,7 @@ def _rule_self(layer, call, q_len, k_len, rows, ctx):
     return True
 
 
-RULES = (_rule_cross, _rule_text, _rule_temporal, _rule_module_cat, _rule_rows, _rule_model_cat, _rule_inherited, _rule_self)
+RULES = (_rule_cross, _rule_text, _rule_temporal, _rule_module_cat, _rule_model_cat, _rule_rows, _rule_inherited, _rule_self)
 
 
 def _no_sdpa_reason(layer: LayerInfo, call: Optional[ModuleCall]) -> str:

@@ -414,6 +414,7 @@ class ASAGHandle:
             state.perturbation, state.key, state.call_scoped, state.nested = None, None, False, False
         state.forwards.clear()
 
+    @_disable  # runs eagerly under torch.compile: lam and the state never become guards
     def _on_sdpa(self, entry: _Entry, args, kwargs):
         state = thread_state(self)
         p = state.perturbation
