@@ -2,7 +2,8 @@
 
 A tiny random-weight Stable Diffusion pipeline (the shape of SD1.5 at toy size) samples 30
 steps with asag's default schedules (lam changes at every step), its UNet compiled by inductor
-after ``asag.enable`` and, on a fresh pipeline, before it. Printed per case: the recompiles,
+after ``asag.enable``, before it, or in place; and the shipped digits DiT, patched by
+``asag.apply`` and compiled, runs a hand-written loop through ``asag.guided_prediction``. Printed per case: the recompiles,
 the graph breaks inside the perturbed layers (expected: asag's layer hooks and its SDPA
 replacement run eagerly) and outside them (expected: none), the time, and the largest
 difference from the same run uncompiled.
@@ -22,8 +23,13 @@ from torch._dynamo.utils import counters
 
 import asag
 
-CASES = ("asag.enable, then compile", "compile, then asag.enable", "asag.enable, then unet.compile() in place")
-INSIDE = ("_LayerPre", "_LayerPost", "_on_sdpa")  # asag's code in the perturbed layers
+CASES = (
+    "asag.enable, then compile",
+    "compile, then asag.enable",
+    "asag.enable, then unet.compile() in place",
+    "asag.apply on a DiT, compiled, guided_prediction loop",
+)
+INSIDE = ("_PatchedForward", "route")  # asag's code in the perturbed layers
 
 
 class _Count(logging.Handler):
@@ -65,10 +71,37 @@ def sample(pipe, embeds, steps):
                     generator=torch.Generator().manual_seed(0), **embeds).images
 
 
-def run_case(order: str, steps: int, reference: torch.Tensor, count: _Count) -> dict:
+def dit_loop(model, steps: int) -> torch.Tensor:
+    """A hand-written sampling loop on the shipped digits DiT (timm attention), ASAG through
+    asag.guided_prediction with its defaults: lam follows its cosine schedule step by step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, generator=g)
+    labels, null = torch.tensor([1, 2, 3, 4]), torch.full((4,), 10)
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((4,), 999 - i * (999 // steps))
+            eps = asag.guided_prediction(model, x, t, cond={"y": labels}, uncond={"y": null}, cfg_scale=3.0,
+                                         progress=i / max(steps - 1, 1))
+            x = x - 0.05 * eps
+            outs.append(eps)
+    return torch.stack(outs)
+
+
+def run_case(order: str, steps: int, reference: dict, count: _Count) -> dict:
     torch._dynamo.reset()
     counters.clear()
     count.recompiles = 0
+    if order == "asag.apply on a DiT, compiled, guided_prediction loop":
+        from asag.demo.models import load
+
+        model = load("dit")[0]
+        asag.apply(model)
+        start = time.perf_counter()
+        out = dit_loop(torch.compile(model), steps)
+        seconds = time.perf_counter() - start
+        asag.remove(model)
+        return _row(order, count, seconds, (out - reference["dit"]).abs().max().item())
     pipe, embeds = tiny_sd_pipeline()
     start = time.perf_counter()
     if order == "compile, then asag.enable":
@@ -82,11 +115,15 @@ def run_case(order: str, steps: int, reference: torch.Tensor, count: _Count) -> 
         pipe.unet = torch.compile(pipe.unet)
     images = sample(pipe, embeds, steps)
     seconds = time.perf_counter() - start
+    asag.disable(pipe)
+    return _row(order, count, seconds, (images - reference["sd"]).abs().max().item())
+
+
+def _row(case, count, seconds, max_diff) -> dict:
     inside = sum(n for reason, n in counters["graph_break"].items() if any(name in reason for name in INSIDE))
     total = sum(counters["graph_break"].values())
-    asag.disable(pipe)
-    return dict(case=order, recompiles=count.recompiles, breaks_inside=inside, breaks_outside=total - inside,
-                seconds=seconds, max_diff=(images - reference).abs().max().item())
+    return dict(case=case, recompiles=count.recompiles, breaks_inside=inside, breaks_outside=total - inside,
+                seconds=seconds, max_diff=max_diff)
 
 
 def main(argv=None):
@@ -99,9 +136,14 @@ def main(argv=None):
     torch._logging.set_logs(recompiles=True)
     logging.getLogger("torch._dynamo.guards.__recompiles").propagate = False
 
+    from asag.demo.models import load
+
     pipe, embeds = tiny_sd_pipeline()
     with asag.enable(pipe):
-        reference = sample(pipe, embeds, args.steps)
+        reference = {"sd": sample(pipe, embeds, args.steps)}
+    dit = load("dit")[0]
+    reference["dit"] = dit_loop(dit, args.steps)
+    asag.remove(dit)
     rows = [run_case(order, args.steps, reference, count) for order in CASES]
     print(f"torch {torch.__version__}, inductor on {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; tiny SD pipeline, {args.steps} steps, asag defaults (layers 'mid')")

@@ -19,7 +19,7 @@ def rows():
 
 
 def test_compile_before_or_after_enable(rows):
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
         assert row["max_diff"] < 1e-5, row
         assert row["breaks_outside"] == 0, row

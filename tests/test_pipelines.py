@@ -349,3 +349,29 @@ def test_guider_in_modular_pipelines(kind):
     torch.testing.assert_close(outputs["lam0"], outputs["cfg"], atol=1e-4, rtol=1e-4)
     assert (outputs["asag"] - outputs["cfg"]).abs().max() > 1e-3
     assert torch.equal(outputs["cfg again"], outputs["cfg"])
+
+
+class _Opaque:
+    """A hand-made 'pipeline' whose variables asag cannot read: it must refuse, not guess."""
+
+    def __init__(self, unet, first, second):
+        self.unet, self.first, self.second = unet, first, second
+
+    def __call__(self):
+        x = torch.randn(1, 4, 8, 8)
+        hidden = torch.cat([self.first, self.second])
+        with torch.no_grad():
+            return self.unet(torch.cat([x, x]), torch.tensor([10, 10]), encoder_hidden_states=hidden).sample
+
+
+def test_calls_whose_roles_are_unknown_raise():
+    pipe, _ = tiny_pipelines.build("sd")
+    opaque = _Opaque(pipe.unet, torch.randn(1, 5, 24), torch.randn(1, 5, 24))
+    opaque()
+    with asag.enable(opaque, scale=2.0):
+        with pytest.raises(asag.guidance.roles.UnknownRole, match=r"guided_prediction.*AdversarialSinkhornGuidance"):
+            opaque()
+    same = torch.randn(1, 5, 24)
+    with asag.enable(pipe, scale=2.0):  # prompt and negative prompt encode identically
+        with pytest.raises(asag.guidance.roles.UnknownRole, match="match both a prompt and a negative prompt"):
+            tiny_pipelines.run(pipe, dict(tiny_pipelines.build("sd")[1], prompt_embeds=same, negative_prompt_embeds=same))

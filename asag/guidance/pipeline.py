@@ -381,6 +381,16 @@ class PipelineGuidance:
         labels = roles.row_roles(args, kwargs, sample, frames)
         cond = [i for i, r in enumerate(labels) if r == "c"]
         uncond = [i for i, r in enumerate(labels) if r == "u"]
+        latents = roles.variable(frames, "latents")
+        samples = latents.shape[0] if isinstance(latents, torch.Tensor) and latents.dim() else None
+        if samples is not None and len(uncond) > samples:
+            raise roles.UnknownRole(roles._message(
+                f"{len(uncond)} rows for {samples} samples look unconditional: rows that match both a prompt "
+                "and a negative prompt (identical embeddings) cannot be told apart"))
+        if samples is not None and len(cond) > samples:
+            raise roles.UnknownRole(roles._message(
+                f"{len(cond)} conditional rows for {samples} samples: the pipeline runs another guidance that "
+                "puts extra conditional branches in the batch"))
         t = _timestep(args, kwargs)
         step = self._step(dispatcher, t, sample)
         if uncond:
@@ -392,11 +402,6 @@ class PipelineGuidance:
         rows = sample[cond].detach()
         if step.delta is not None and all(any(torch.equal(r, s) for s in step.cond_samples) for r in rows):
             return _Call("shift", sample.shape[0], cond, uncond, step, samples=rows), None
-        latents = roles.variable(frames, "latents")
-        if isinstance(latents, torch.Tensor) and latents.dim() and len(cond) > latents.shape[0]:
-            raise roles.UnknownRole(roles._message(
-                f"{len(cond)} conditional rows for {latents.shape[0]} samples: the pipeline runs another "
-                "guidance that puts extra conditional branches in the batch"))
         step.cfg = bool(uncond) or roles.cfg_runs(frames, self.pipe)
         step.w = roles.cfg_scale(frames, self.pipe, t) if step.cfg else 1.0
         handle = dispatcher.handle

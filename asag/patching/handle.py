@@ -1,12 +1,13 @@
 """The handle of a model patched by :func:`asag.apply`: its layers, guidance state and removal.
 
-Mechanism: forward pre/post hooks on each selected attention module enter a
-``TorchFunctionMode`` only while that module runs, and only on a thread inside a guidance
-block. The mode sees the module's calls of ``torch.nn.functional.scaled_dot_product_attention``
+Mechanism: each selected attention module's ``forward`` is wrapped (an instance attribute,
+removed again by ``remove()``); the wrapper enters a ``TorchFunctionMode`` only while that
+module runs, and only on a thread inside a guidance block. The mode sees the module's calls of ``torch.nn.functional.scaled_dot_product_attention``
 with q, k, v as the processor built them (fused-qkv splits, qk-norm, rotary embeddings and
 joint concatenation included), runs SDPA on the clean rows and asag's Sinkhorn attention on the
-perturbed ones. Nothing about the module is swapped or overridden: processors, state dicts,
-attributes and other hooks stay as they are, and removal leaves no trace.
+perturbed ones. Processors, state dicts, parameters and other hooks stay as they are, and
+removal leaves no trace. A forward hook on the model itself probes it and checks that each
+guided forward pass reached an attention layer.
 
 State: guidance belongs to the thread that opened it (a forward in another thread is never
 perturbed). Hooks are small objects that hold their handle, so ``copy.deepcopy`` of a patched
@@ -82,10 +83,25 @@ class _SDPAInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not self.handle.removed:
-            if any(e is self.entry for e in thread_state(self.handle).entries):  # not left over
-                return self.handle._on_sdpa(self.entry, args, kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self.route(args, kwargs)
         return func(*args, **kwargs)
+
+    @_disable  # decided eagerly: under torch.compile, thread state must not become guards
+    def route(self, args, kwargs):
+        live = not self.handle.removed and any(e is self.entry for e in thread_state(self.handle).entries)
+        if live:  # not a mode left over by an interrupted forward
+            return self.handle._on_sdpa(self.entry, args, kwargs)
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+class _Inert:
+    """Stands in for a removed handle in a patch asag could not take off."""
+
+    removed = True
+
+    def _enter_layer(self, *args):
+        return None
 
 
 def _pop_modes(depth: int) -> None:
@@ -98,22 +114,27 @@ def _pop_modes(depth: int) -> None:
 # hooks bound to a deep copy of the handle.
 
 
-class _LayerPre:
-    def __init__(self, handle, name):
-        self.handle, self.name = handle, name
+class _PatchedForward:
+    """A selected layer's ``forward`` while asag is applied: the module's own forward, run
+    eagerly (a graph break under torch.compile, inside this layer only), with asag's SDPA
+    interception around it when this thread's guidance selects the layer. An instance
+    attribute rather than a hook, so that torch.compile guards on it: compiled code of the
+    same class is never reused for a patched and an unpatched instance."""
+
+    def __init__(self, handle, name, module, previous):
+        self.handle, self.name, self.module, self.previous = handle, name, module, previous
+
+    def original(self):
+        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
 
     @_disable
-    def __call__(self, module, args, kwargs):
-        self.handle._enter_layer(self.name, module, args, kwargs)
-
-
-class _LayerPost:
-    def __init__(self, handle, name):
-        self.handle, self.name = handle, name
-
-    @_disable
-    def __call__(self, module, args, kwargs, output):
-        self.handle._exit_layer(self.name)
+    def __call__(self, *args, **kwargs):
+        entry = self.handle._enter_layer(self.name, self.module, args, kwargs)
+        try:
+            return self.original()(*args, **kwargs)
+        finally:
+            if entry is not None:
+                self.handle._exit_layer(entry)
 
 
 class _ModelPre:
@@ -164,7 +185,7 @@ class ASAGHandle:
         self._users: Dict[object, Selection] = {}  # other selections (pipelines sharing the model)
         self._user_layers: Dict[object, List[str]] = {}
         self._hooks: list = []
-        self._layer_hooks: Dict[str, list] = {}
+        self._patched: Dict[str, _PatchedForward] = {}
         self._signature: Optional[tuple] = None
 
     # ---- set-up and removal -------------------------------------------------------------
@@ -185,22 +206,27 @@ class ASAGHandle:
         return names
 
     def _rehook(self) -> None:
-        """Hooks exactly the layers some selection needs."""
+        """Patches exactly the layers some selection needs."""
         wanted = self._hooked_names() if self._hooks else []
-        for name in [n for n in self._layer_hooks if n not in wanted]:
-            for h in self._layer_hooks.pop(name):
-                h.remove()
+        for name in [n for n in self._patched if n not in wanted]:
+            self._unpatch(self._patched.pop(name))
         for name in wanted:
-            if name in self._layer_hooks:
-                continue
-            module = self._layer(name).module
-            hooks = [module.register_forward_pre_hook(_LayerPre(self, name), with_kwargs=True)]
-            try:
-                hooks.append(module.register_forward_hook(_LayerPost(self, name), with_kwargs=True, always_call=True))
-            except Exception:
-                hooks[0].remove()
-                raise
-            self._layer_hooks[name] = hooks
+            if name not in self._patched:
+                module = self._layer(name).module
+                patch = _PatchedForward(self, name, module, module.__dict__.get("forward"))
+                module.forward = patch
+                self._patched[name] = patch
+
+    @staticmethod
+    def _unpatch(patch: _PatchedForward) -> None:
+        module = patch.module
+        if module.__dict__.get("forward") is patch:
+            if patch.previous is None:
+                del module.forward
+            else:
+                module.forward = patch.previous
+        else:  # something wrapped our forward since: leave it in place, inert
+            patch.handle = _Inert()
 
     def _check_live(self) -> None:
         if self.removed:
@@ -246,12 +272,11 @@ class ASAGHandle:
     def detach(self) -> None:
         """Removes every hook but keeps the probe's results, for a later :meth:`attach`."""
         self._cleanup_thread()
-        for hooks in self._layer_hooks.values():
-            for h in hooks:
-                h.remove()
+        for patch in self._patched.values():
+            self._unpatch(patch)
         for h in self._hooks:
             h.remove()
-        self._layer_hooks, self._hooks = {}, []
+        self._patched, self._hooks = {}, []
 
     def remove(self) -> None:
         """Removes every hook asag added; the model is as it was before asag.apply."""
@@ -378,10 +403,11 @@ class ASAGHandle:
             "model.reset_attention_backend()). Selected layers now: " + "; ".join(now)
         )
 
-    def _enter_layer(self, name: str, module, args, kwargs) -> None:
+    def _enter_layer(self, name: str, module, args, kwargs) -> Optional[_Entry]:
+        """Starts intercepting SDPA in this layer if this thread's guidance selects it."""
         state = thread_state(self)
-        if state.probing or state.perturbation is None or name not in self.user_layers(state.key):
-            return
+        if self.removed or state.probing or state.perturbation is None or name not in self.user_layers(state.key):
+            return None
         hidden, _ = probe.module_inputs(args, kwargs)
         batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 else None
         entry = _Entry(name, None, torch._C._len_torch_function_stack(), batch, probe.token_count(hidden))
@@ -392,11 +418,13 @@ class ASAGHandle:
             setattr(module, registered.sdpa_flag, True)
         entry.mode = _SDPAInterceptor(self, entry)
         entry.mode.__enter__()
+        return entry
 
-    def _exit_layer(self, name: str) -> None:
+    def _exit_layer(self, entry: _Entry) -> None:
         state = thread_state(self)
-        if state.entries and state.entries[-1].name == name:
-            self._close(state.entries.pop())
+        if entry in state.entries:
+            state.entries.remove(entry)
+            self._close(entry)
 
     @staticmethod
     def _close(entry: _Entry) -> None:
@@ -414,7 +442,6 @@ class ASAGHandle:
             state.perturbation, state.key, state.call_scoped, state.nested = None, None, False, False
         state.forwards.clear()
 
-    @_disable  # runs eagerly under torch.compile: lam and the state never become guards
     def _on_sdpa(self, entry: _Entry, args, kwargs):
         state = thread_state(self)
         p = state.perturbation
