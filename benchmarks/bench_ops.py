@@ -3,13 +3,13 @@
 For every (N, B*H, iters): our kernel, the eager reference (asag.ops.reference), the same
 reference under torch.compile, and scaled_dot_product_attention for scale. Each method is
 checked against the float64 reference before it is timed; times are medians of repeats taken
-right after a warm-up (idle OpenMP threads wake slowly, METHOD.md section 6).
+right after a warm-up (idle OpenMP threads wake slowly on a shared machine).
 
 Memory is the peak above what was allocated before the call: on CUDA from the caching
 allocator's peak; on the CPU from the process's peak RSS (VmHWM), reset before each call
 through /proc/self/clear_refs.
 
-The CPU floor is the exponentials: (iters + 1) exp per logit (METHOD.md section 4), timed
+The CPU floor is the exponentials: (iters + 1) exp per logit (docs/method.md section 4), timed
 here with torch.exp on a preallocated buffer in the same run.
 
     python benchmarks/bench_ops.py                 # CPU, the table in README.md

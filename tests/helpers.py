@@ -53,7 +53,7 @@ def random_key_mask(b, nk, seed=0, p_valid=0.7):
 
 
 def reference64(q, k, v, **kw):
-    """The float64 evaluation of METHOD.md section 1: the ground truth."""
+    """The float64 evaluation of docs/method.md section 1: the ground truth."""
     bias = kw.pop("attn_bias", None)
     if bias is not None and bias.dtype != torch.bool:
         bias = bias.double()

@@ -27,7 +27,7 @@ def _scale(q):
 
 
 def _fp_tolerance(dtype, ref):
-    # METHOD.md: fp32 agrees with float64 to about 1e-5 relative.
+    # docs/method.md: fp32 agrees with float64 to about 1e-5 relative.
     rel = 2e-5 if dtype == torch.float32 else 1e-12
     return rel * (1.0 + ref.abs().max().item())
 

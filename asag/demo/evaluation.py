@@ -41,7 +41,7 @@ def comparison_methods(conditional: bool, cfg_scale: float = CFG_SCALE) -> List[
 
 
 def ablation_methods(conditional: bool, cfg_scale: float = CFG_SCALE) -> List[Method]:
-    """The paper's ablations of ASAG (shared/METHOD.md section 3)."""
+    """The paper's ablations of ASAG (docs/method.md section 3)."""
     cfg = cfg_scale if conditional else 1.0
     plus = "CFG + " if conditional else ""
     return [

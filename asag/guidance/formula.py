@@ -1,4 +1,4 @@
-"""The ASAG combination (shared/METHOD.md section 2) and guidance rescale."""
+"""The ASAG combination (docs/method.md section 2) and guidance rescale."""
 
 from typing import Optional
 

@@ -33,7 +33,7 @@ def sinkhorn_attention(
     attn_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Adversarial Sinkhorn attention (shared/METHOD.md section 1).
+    """Adversarial Sinkhorn attention (docs/method.md section 1).
 
     ``M = (scale * q k^T - lam * cos(q, k)) / tau + attn_bias``; the plan ``P`` is ``iters``
     log-domain Sinkhorn iterations on ``M`` (rows sum to 1, columns tend to ``Nq / Nk``);
@@ -81,7 +81,7 @@ def adversarial_logits(
     """The logits ``M = (scale * q k^T - lam * cos(q, k)) / tau`` of Sinkhorn attention.
 
     ``q (B, H, Nq, D)``, ``k (B, H, Nk, D)`` -> ``(B, H, Nq, Nk)`` in float32 (float64 for
-    float64 inputs): logits are what Sinkhorn needs in full precision (METHOD.md section 5).
+    float64 inputs): logits are what Sinkhorn needs in full precision (docs/method.md section 5).
     ``cos(q_i, k_j) = <q_i, k_j> / (max(|q_i|, 1e-6) max(|k_j|, 1e-6))``. Finite logits are
     clamped to ``+-1e30`` so no later sum overflows.
     """

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the asag ops (shared/METHOD.md section 1).
+"""Pure-PyTorch reference of the asag ops (docs/method.md section 1).
 
 This is the definition the kernels are tested against, and the fallback that
 ``backend="auto"`` uses where no kernel can serve a call. It is written for clarity, in the

@@ -1,5 +1,5 @@
 // CPU kernels of the asag ops: adversarial logits, batched log-domain Sinkhorn scaling and the
-// fused Sinkhorn attention (shared/METHOD.md sections 1 and 4).
+// fused Sinkhorn attention (docs/method.md sections 1 and 4).
 //
 // Work is split over (batch, head) slices when there are at least as many slices as threads,
 // else over row blocks of one slice at a time; either way each worker holds at most one

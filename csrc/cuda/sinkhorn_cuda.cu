@@ -1,5 +1,5 @@
 // CUDA kernels of the asag ops: adversarial-cost epilogue and batched log-domain Sinkhorn
-// scaling (shared/METHOD.md sections 1 and 4). The per-element maths comes from
+// scaling (docs/method.md sections 1 and 4). The per-element maths comes from
 // asag/sinkhorn_math.h, the same header the CPU kernels use.
 //
 // Layout: slices (b, h) are processed in chunks sized from free memory; each chunk holds one

@@ -2,7 +2,7 @@
 //
 // Everything here is a small inline function that compiles both as host code (g++) and as
 // device code (nvcc), so the CPU tests exercise exactly the arithmetic the GPU runs.
-// The definitions follow shared/METHOD.md sections 1 and 4.
+// The definitions follow docs/method.md sections 1 and 4.
 #pragma once
 
 #include <cmath>
@@ -21,7 +21,7 @@
 namespace asag {
 namespace math {
 
-// Norms below this count as this (METHOD.md: max(|q|, 1e-6)).
+// Norms below this count as this (docs/method.md: max(|q|, 1e-6)).
 constexpr double kNormFloor = 1e-6;
 
 // Finite logits are clamped to +-kLogitMax so that potentials (f, g) and the sums
@@ -63,7 +63,7 @@ ASAG_HOST_DEVICE ASAG_INLINE T clamp_logit(T x) {
   return x;
 }
 
-// M[i, j] = (scale * dot - lam * cos) / tau, with cos = dot * rq_i * rk_j (METHOD.md 1.3).
+// M[i, j] = (scale * dot - lam * cos) / tau, with cos = dot * rq_i * rk_j (docs/method.md 1.3).
 // The cost is an epilogue on the one q k^T product. cos is formed first because it is
 // bounded by 1, whereas lam * rq * rk alone can overflow for huge lam and tiny vectors.
 template <typename T>
@@ -86,7 +86,7 @@ ASAG_HOST_DEVICE ASAG_INLINE float int_bits_to_float(int32_t bits) {
 // exp(x) for x <= 0, the only arguments Sinkhorn needs (x = logit - row max).
 // A branch-free Cephes-style range reduction and polynomial (about 1 ulp), written in
 // plain arithmetic so that compilers vectorise it: the CPU's bottleneck is this function
-// (METHOD.md section 4), and libm's scalar expf is several times slower. Arguments below
+// (docs/method.md section 4), and libm's scalar expf is several times slower. Arguments below
 // -87.3 (results under FLT_MIN) give exactly 0, as do -inf (masked keys).
 ASAG_HOST_DEVICE ASAG_INLINE float exp_nonpositive(float x) {
   const float lo = -87.33654f;
@@ -115,7 +115,7 @@ ASAG_HOST_DEVICE ASAG_INLINE double exp_nonpositive(double x) {
   return std::exp(x);
 }
 
-// Row step (METHOD.md section 4): given the row max m of M + g and the sum s of
+// Row step (docs/method.md section 4): given the row max m of M + g and the sum s of
 // exp(M + g - m), the new row potential is f = -(m + log s).
 template <typename T>
 ASAG_HOST_DEVICE ASAG_INLINE T row_potential(T row_max, T row_sum) {
