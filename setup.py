@@ -59,7 +59,6 @@ def _import_installed_torch():
 
 
 torch = _import_installed_torch()
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _cuda_home():
@@ -69,6 +68,13 @@ def _cuda_home():
     if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
         return home
     return None
+
+
+# torch's build helpers fix their CUDA folder when they are imported: with nvcc on PATH outside
+# the toolkit they would guess /usr/local and the link would fail on -lcudart. Set it first.
+if _cuda_home() is not None and not _flag("ASAG_SKIP_CUDA"):
+    os.environ["CUDA_HOME"] = _cuda_home()
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _want_cuda(cuda_sources):
@@ -142,8 +148,21 @@ def _extension():
     return CUDAExtension(extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}, **args)
 
 
+def _emulation_extension():
+    """asag._cuda_emulation: the CUDA kernels' own source run on the CPU (csrc/emulation), for
+    the tests; built everywhere, with or without the CUDA toolkit."""
+    cxx = ["-O0", "-g"] if _flag("DEBUG") else ["-O2"]
+    return CppExtension(
+        name="asag._cuda_emulation",
+        sources=["csrc/emulation/cuda_emulation.cpp"],
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        extra_compile_args={"cxx": cxx + ["-pthread", "-std=c++20"]},
+        extra_link_args=["-pthread"],
+    )
+
+
 setup(
     packages=find_packages(include=["asag", "asag.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[_extension(), _emulation_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -70,18 +70,22 @@ struct AttentionInputs {
   bool empty() const { return out.numel() == 0 || nk == 0; }
 };
 
+// With `qk_in_input_dtype`, q3 and k3 keep the inputs' dtype (for a half-precision product
+// with float32 output, exact for those inputs); otherwise they are in the accumulation dtype.
 inline AttentionInputs attention_inputs(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& v,
                                         const c10::optional<at::Tensor>& key_mask,
-                                        const c10::optional<at::Tensor>& attn_bias) {
+                                        const c10::optional<at::Tensor>& attn_bias,
+                                        bool qk_in_input_dtype = false) {
   AttentionInputs in;
   in.acc = accumulation_dtype(q.scalar_type());
   in.B = q.size(0), in.H = q.size(1), in.S = in.B * in.H;
   in.nq = q.size(2), in.nk = k.size(2), in.dv = v.size(3);
   in.out = at::zeros({in.B, in.H, in.nq, in.dv}, q.options().dtype(in.acc));
   if (in.empty()) return in;
-  in.q3 = as_slices(q, in.acc);
-  in.k3 = as_slices(k, in.acc);
+  const at::ScalarType qk_dtype = qk_in_input_dtype ? q.scalar_type() : in.acc;
+  in.q3 = as_slices(q, qk_dtype);
+  in.k3 = as_slices(k, qk_dtype);
   in.v3 = as_slices(v, in.acc);
   if (attn_bias.has_value()) in.bias = prepare_bias(*attn_bias, in.acc, {in.B, in.H, in.nq, in.nk});
   in.mask = slice_key_mask(key_mask, in.H);
@@ -103,6 +107,11 @@ inline SinkhornInput sinkhorn_input(const at::Tensor& logits,
   in.plan = at::empty(logits.sizes(), logits.options().dtype(accumulation_dtype(logits.scalar_type())));
   if (in.plan.numel() == 0) return in;
   in.plan.copy_(logits);
+  // As the attention op's logits: NaN -> -max (never chosen), +-inf -> +-max except -inf
+  // (a masked key), so that non-finite logits give a finite plan.
+  const double hi = in.plan.scalar_type() == at::kDouble ? 1e300 : 1e30;
+  const at::Tensor masked = in.plan == -std::numeric_limits<double>::infinity();
+  in.plan.nan_to_num_(-hi, hi, -hi).clamp_(-hi, hi).masked_fill_(masked, -std::numeric_limits<double>::infinity());
   in.slices = in.plan.numel() / (nq * nk);
   in.plan3 = in.plan.view({in.slices, nq, nk});
   if (key_mask.has_value()) {
