@@ -28,7 +28,7 @@ EXPECTED = [
     ("flux2", r"single_transformer_blocks\..*", "joint", True, 6),
     ("flux", r"single_transformer_blocks\..*", "joint", True, 5),
     ("mochi", r"transformer_blocks\..*", "joint", False, 6),
-    ("mochi", r"time_embed\..*", "cross", None, None),
+    ("mochi", r"time_embed\..*", "text", None, None),  # attention pooling of the text
     ("unet-motion", r".*motion_modules\..*", "temporal", None, None),
     ("timm-eva", r"model\.blocks\..*", "joint", True, 1),  # the class token is not an image token
     ("timm-rope", r"model\.blocks\..*", "joint", True, 1),

@@ -4,9 +4,8 @@ import like those of ``tiny_pipelines_more``. ``EXTRA`` lists the names register
 :func:`build` returns (pipe, call kwargs) for one prompt ("one") or two ("two_prompts").
 
 Pipelines whose transformer is built from a family in ``tiny_models_more`` reuse its config.
-``ASAG_STATUS`` records what ``asag.enable`` did on each when these were written (asag at
-202e09a, diffusers 0.42.1); ``python tiny_pipelines_extra.py [names]`` builds and runs them
-(finite, seed-deterministic outputs).
+``python tiny_pipelines_extra.py [names]`` builds and runs them (finite, seed-deterministic
+outputs); tests/test_pipelines.py checks asag.enable on them.
 """
 
 import torch
@@ -586,32 +585,6 @@ def hidream_2_llama_layers():
 # bit-identical, lam = 3 changes the output, one adversarial row per conditional sample, and the
 # scheduler gets u + w (c - u) + s (c - c_adv). Anything else: what happens instead.
 
-ASAG_STATUS = {
-    "sd-instruct-pix2pix": "UnknownRole '2 rows for 1 samples look unconditional ... (identical embeddings)': the "
-                           "batch is [text+image, image only, neither]; two rows match negative_prompt_embeds",
-    "lcm": "ok (no CFG: [c] -> [c, c_adv], w = 1)",
-    "sdxl-refiner": "ok",
-    "kandinsky22": "ValueError at the first guided call: every layer is AttnAddedKV (keys = image-embedding tokens "
-                   "+ own tokens), classified cross, so no self-attention is found",
-    "flux-img2img": "ok", "flux-kontext": "ok", "flux-kontext-true-cfg": "ok", "chroma": "ok",
-    "auraflow": "ok (the tiny model barely reacts to attention: ASAG changes the image by ~3e-5, CFG by ~1e-4)",
-    "cogview4": "ok", "hunyuan-video": "ok (w = true_cfg_scale)", "hunyuan-video-no-cfg": "ok",
-    "mochi": "ValueError at asag.enable, even with scale=0 ('no self- or joint-attention layer ... (none)'): "
-             "MochiAttention is no registered attention class, so no layer is known before the probe; works when "
-             "asag.apply(pipe.transformer, example_inputs=...) probes first",
-    "skyreels-v2": "ok", "wan-i2v": "ok", "wan22-i2v": "ok (transformer_2 gets guidance_scale_2)", "wan22-ti2v": "ok",
-    "latte": "ok (temporal attention not perturbed)", "easyanimate": "ok",
-    "allegro": "UnknownRole '2 conditional rows for 1 samples: ... another guidance': the pipeline unsqueezes the "
-               "CFG batch of embeddings to (2, 1, L, d), so no row compares with negative_prompt_embeds (1, L, d)",
-    "sana": "ValueError at the first guided call (linear attention: unsupported), as documented",
-    "stable-audio": "UnknownRole '2 conditional rows ... another guidance': the context is [text, seconds] "
-                    "concatenated after the CFG batch, held by a plainly named variable",
-    "stable-audio-no-negative": "ok (the pipeline's zero context is negative_text_audio_duration_embeds)",
-    "hidream": "batched: RuntimeError inside the transformer; sequential: silently wrong (lam = 0 differs by 2e-2): "
-               "the Llama embeddings (layers, batch, tokens, dim) are never cut or extended along their batch dim",
-    "hidream-2-llama-layers": "batched: RuntimeError inside the transformer; sequential, 1 prompt: IndexError "
-                              "(the layer dim was cut as if it were the batch); 2 prompts: silently wrong",
-}
 
 
 # ---- variants ----------------------------------------------------------------------------------

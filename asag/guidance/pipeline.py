@@ -72,11 +72,27 @@ def _row_index(t: torch.Tensor, batch: int, frames: int, rows: List[int]) -> Opt
     return torch.tensor([r * k + j for r in rows for j in range(k)], device=t.device)
 
 
+def _check_placeable(name: str, t: torch.Tensor, batch: int, frames: int) -> None:
+    """Refuses a conditioning-like tensor that holds the batch in a later dimension (HiDream's
+    Llama embeddings are (layers, batch, tokens, dim)): asag extends and cuts batches along the
+    first dimension only, and will not guess another."""
+    if not t.is_floating_point() or t.dim() < 3 or batch < 2 or t.shape[0] in (batch, batch * frames, 1):
+        return
+    if batch in t.shape[1:]:
+        raise roles.UnknownRole(roles._message(
+            f"argument {name} of shape {tuple(t.shape)} holds the batch ({batch}) in dimension "
+            f"{list(t.shape).index(batch, 1)}, not first, so asag cannot add the adversarial rows to it"))
+
+
 def _select_rows(args, kwargs, batch: int, rows: List[int], keep: bool):
     """(args, kwargs) with the batched tensors cut to ``rows`` (keep=False), or extended by a
     copy of those rows at the end (keep=True)."""
     sample = _sample_of(args, kwargs)
     frames = sample.shape[2] if sample.dim() == 5 else 1
+    named = [(f"positional argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for name, value in named:
+        if not NOT_BATCHED.search(str(name)):
+            _map_batched(value, lambda t, n=name: _check_placeable(n, t, batch, frames) or t, str(name))
 
     def fn(t):
         index = _row_index(t, batch, frames, rows)
@@ -383,14 +399,15 @@ class PipelineGuidance:
         uncond = [i for i, r in enumerate(labels) if r == "u"]
         latents = roles.variable(frames, "latents")
         samples = latents.shape[0] if isinstance(latents, torch.Tensor) and latents.dim() else None
-        if samples is not None and len(uncond) > samples:
+        if samples is not None and not cond and len(uncond) > samples:
             raise roles.UnknownRole(roles._message(
                 f"{len(uncond)} rows for {samples} samples look unconditional: rows that match both a prompt "
                 "and a negative prompt (identical embeddings) cannot be told apart"))
         if samples is not None and len(cond) > samples:
             raise roles.UnknownRole(roles._message(
-                f"{len(cond)} conditional rows for {samples} samples: the pipeline runs another guidance that "
-                "puts extra conditional branches in the batch"))
+                f"{len(cond)} rows look conditional for {samples} samples: the pipeline either runs another "
+                "guidance that adds conditional branches to the batch, or builds its unconditional rows from "
+                "variables asag cannot recognise"))
         t = _timestep(args, kwargs)
         step = self._step(dispatcher, t, sample)
         if uncond:

@@ -113,12 +113,22 @@ def references(frames: List[dict]) -> Tuple[list, list]:
 
 
 def _row_in(row: torch.Tensor, refs: list) -> bool:
+    """Whether ``row`` equals a row of one of ``refs``, or begins or ends with one along its
+    token dimension (a pipeline may add size-1 dimensions, or concatenate more tokens, after
+    it named its embeddings)."""
     for ref in refs:
-        if ref.shape[1:] != row.shape or ref.dtype.is_floating_point != row.dtype.is_floating_point:
+        if ref.dim() == 0 or ref.dtype.is_floating_point != row.dtype.is_floating_point:
             continue
-        ref = ref.to(device=row.device, dtype=row.dtype)
-        if any(torch.equal(row, r) for r in ref):
-            return True
+        ref_rows = ref.to(device=row.device, dtype=row.dtype).reshape(ref.shape[0], -1)
+        if ref_rows.shape[1] == row.numel():
+            flat = row.reshape(-1)
+            if any(torch.equal(flat, r) for r in ref_rows):
+                return True
+        elif row.dim() >= 2 and ref.dim() == row.dim() and ref.shape[2:] == row.shape[1:] and ref.shape[1] < row.shape[0]:
+            n = ref.shape[1]
+            for r in ref.to(device=row.device, dtype=row.dtype):
+                if torch.equal(row[:n], r) or torch.equal(row[-n:], r):
+                    return True
     return False
 
 

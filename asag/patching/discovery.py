@@ -8,8 +8,10 @@ of :data:`RULES` that fits what the probe saw, tried in the order the layers ran
 =====  ==========  ===========================================================================
 kind   text rows   when
 =====  ==========  ===========================================================================
+text   all         no query row changed when the image input changed (text refiners, poolers)
+joint  keys only   the keys are the module's own tokens joined by added text keys (Kandinsky,
+                   DeepFloyd IF: AttnAddedKV processors)
 cross  -           queries and keys differ in length (attention to text or another sequence)
-text   all         no query row changed when the image input changed (text refiners)
 tempo  -           a video model's attention across its frames (few tokens, many sequences)
 joint  by the cat  the module was handed text, and concatenated it with its own tokens
 joint  by the cat  the sequence was built by concatenating a known image stream with other
@@ -50,6 +52,7 @@ class LayerInfo:
     text_tokens: int = 0  # joint: text tokens in the probe
     text_first: Optional[bool] = None  # joint: token order
     single_stream: bool = False  # joint layer handed one sequence (its image count is fixed)
+    text_queries: bool = True  # joint: the text tokens are queries too (not only added keys)
     image_tokens: Optional[int] = None  # joint, single stream: image tokens in the sequence
     rule: str = ""  # which rule classified it
     reason: str = ""  # why unsupported
@@ -63,7 +66,8 @@ class LayerInfo:
         extra = ""
         if self.kind == "joint":
             order = "text first" if self.text_first else "image first"
-            extra = f", {self.text_tokens} text tokens, {order}"
+            keys = "" if self.text_queries else " added as keys only"
+            extra = f", {self.text_tokens} text tokens{keys}, {order}"
         if self.reason:
             extra += f" ({self.reason})"
         return f"{self.name}: {self.kind} [{self.processor}] {shape}{extra}"
@@ -106,10 +110,17 @@ def _joint(layer, image_first: bool, image_tokens: int, q_len: int, single: bool
 
 
 def _rule_cross(layer, call, q_len, k_len, rows, ctx):
-    if q_len != k_len:
-        layer.kind, layer.rule = "cross", "queries and keys differ in length"
-        return True
-    return False
+    if q_len == k_len:
+        return False
+    for cat in call.cats:  # the module's own tokens joined by added text keys: joint
+        if sum(cat.lengths) == k_len and k_len > q_len and q_len in (cat.lengths[0], cat.lengths[-1]):
+            text_first = cat.lengths[-1] == q_len
+            layer.kind, layer.rule = "joint", "its own tokens as keys, with added text keys and values"
+            layer.text_first, layer.text_tokens, layer.text_queries = text_first, k_len - q_len, False
+            layer.image_tokens = q_len
+            return True
+    layer.kind, layer.rule = "cross", "queries and keys differ in length"
+    return True
 
 
 def _rule_text(layer, call, q_len, k_len, rows, ctx):
@@ -203,7 +214,7 @@ def _rule_self(layer, call, q_len, k_len, rows, ctx):
     return True
 
 
-RULES = (_rule_cross, _rule_text, _rule_temporal, _rule_module_cat, _rule_model_cat, _rule_rows, _rule_inherited, _rule_self)
+RULES = (_rule_text, _rule_cross, _rule_temporal, _rule_module_cat, _rule_model_cat, _rule_rows, _rule_inherited, _rule_self)
 
 
 def _no_sdpa_reason(layer: LayerInfo, call: Optional[ModuleCall]) -> str:

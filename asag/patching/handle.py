@@ -245,7 +245,9 @@ class ASAGHandle:
     def _add_user(self, key, selection: Selection) -> None:
         """Registers another selection on this model (a pipeline's), under a hashable key."""
         self._check_live()
-        names = [l.name for l in select_layers(self.layers, selection, require_kind=self.resolved)]
+        # Without any known layer yet (no registered class), the probe validates it later.
+        known = self.resolved or self.layers
+        names = [l.name for l in select_layers(self.layers, selection, require_kind=self.resolved)] if known else []
         self._users[key] = selection
         self._user_layers[key] = names if self.resolved else []
         self._rehook()
@@ -448,14 +450,21 @@ class ASAGHandle:
         sdpa = bind_sdpa(args, kwargs)
         q, k = sdpa["query"], sdpa["key"]
         layer = self._layer(entry.name)
-        if p is None or layer is None or q.shape[-2] != k.shape[-2] or not layer.perturbable:
+        if p is None or layer is None or not layer.perturbable:
             return F.scaled_dot_product_attention(*args, **kwargs)
+        nq, nk = q.shape[-2], k.shape[-2]
         joint = None
-        if layer.kind == "joint":
-            n = layer.image_tokens if layer.single_stream else entry.hidden_tokens
-            if n is None or not 0 < n <= q.shape[-2]:
+        if layer.kind == "joint" and not layer.text_queries:  # added text keys and values
+            if nk <= nq:
                 return F.scaled_dot_product_attention(*args, **kwargs)
-            joint = (q.shape[-2] - n, layer.text_first)
+            joint = (nk - nq, layer.text_first, False)
+        elif nq != nk:
+            return F.scaled_dot_product_attention(*args, **kwargs)
+        elif layer.kind == "joint":
+            n = layer.image_tokens if layer.single_stream else entry.hidden_tokens
+            if n is None or not 0 < n <= nq:
+                return F.scaled_dot_product_attention(*args, **kwargs)
+            joint = (nq - n, layer.text_first)
         module_batch = entry.batch if entry.batch else q.shape[0]
         ranges = row_ranges(p, module_batch, q.shape[0], entry.offset)
         if q.shape[0] < module_batch:

@@ -97,13 +97,13 @@ def _bias(attn_mask, is_causal: bool, nq: int, nk: int, device) -> Optional[torc
     return attn_mask.masked_fill(~causal, -math.inf)
 
 
-def _take(t: Optional[torch.Tensor], rows: slice, cols: slice, n: int) -> Optional[torch.Tensor]:
-    """The (rows, cols) block of a bias broadcastable to (..., n, n)."""
+def _take(t: Optional[torch.Tensor], rows: slice, cols: slice, nq: int, nk: int) -> Optional[torch.Tensor]:
+    """The (rows, cols) block of a bias broadcastable to (..., nq, nk)."""
     if t is None:
         return None
-    if t.dim() >= 2 and t.shape[-2] == n:
+    if t.dim() >= 2 and t.shape[-2] == nq:
         t = t[..., rows, :]
-    if t.dim() >= 1 and t.shape[-1] == n:
+    if t.dim() >= 1 and t.shape[-1] == nk:
         t = t[..., cols]
     return t
 
@@ -166,20 +166,28 @@ def adversarial_attention(q, k, v, bias, scale, p: Perturbation):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=noise, scale=scale)
 
 
-def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, text_tokens: int, text_first: bool):
-    """Joint attention with only its image-to-image block perturbed (module docstring). Text
-    query rows get plain SDPA over every key, as without asag."""
-    n = q.shape[-2]
+def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, text_tokens: int, text_first: bool, text_queries: bool = True):
+    """Joint attention with only its image-to-image block perturbed (module docstring).
+
+    ``text_tokens`` text keys sit at the start (``text_first``) or the end of the keys. With
+    ``text_queries`` the queries hold the same text tokens at the same place, and those rows
+    get plain SDPA over every key, as without asag; without it (attention with added text
+    keys and values) every query is an image token."""
+    nq, nk = q.shape[-2], k.shape[-2]
     if text_tokens <= 0:
         return adversarial_attention(q, k, v, bias, scale, p)
-    txt = slice(0, text_tokens) if text_first else slice(n - text_tokens, n)
-    img = slice(text_tokens, n) if text_first else slice(0, n - text_tokens)
-    text_rows = F.scaled_dot_product_attention(q[..., txt, :], k, v, attn_mask=_take(bias, txt, slice(None), n), scale=scale)
+    txt_k = slice(0, text_tokens) if text_first else slice(nk - text_tokens, nk)
+    img_k = slice(text_tokens, nk) if text_first else slice(0, nk - text_tokens)
+    if text_queries:
+        txt_q, img_q = txt_k, img_k
+        text_rows = F.scaled_dot_product_attention(q[..., txt_q, :], k, v, attn_mask=_take(bias, txt_q, slice(None), nq, nk), scale=scale)
+    else:
+        img_q, text_rows = slice(None), None
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_i, k_t, v_t, k_i, v_i = (t.to(f32) for t in (q[..., img, :], k[..., txt, :], v[..., txt, :], k[..., img, :], v[..., img, :]))
+    q_i, k_t, v_t, k_i, v_i = (t.to(f32) for t in (q[..., img_q, :], k[..., txt_k, :], v[..., txt_k, :], k[..., img_k, :], v[..., img_k, :]))
     if bias is not None and bias.dtype != torch.bool:
         bias = bias.to(f32)
-    bias_it, bias_ii = _take(bias, img, txt, n), _take(bias, img, img, n)
+    bias_it, bias_ii = _take(bias, img_q, txt_k, nq, nk), _take(bias, img_q, img_k, nq, nk)
     s_t = (q_i @ k_t.transpose(-1, -2)) * scale
     if bias_it is not None:
         s_t = s_t + _additive(bias_it)
@@ -188,7 +196,9 @@ def sinkhorn_joint(q, k, v, bias, scale, p: Perturbation, text_tokens: int, text
     w_text = torch.nan_to_num(torch.exp(lse_t - torch.logaddexp(lse_t, lse_i)), nan=0.0)
     out_t = torch.nan_to_num(torch.softmax(s_t, dim=-1), nan=0.0) @ v_t
     out_i = adversarial_attention(q_i, k_i, v_i, bias_ii, scale, p).to(f32)
-    mixed = (w_text * out_t + (1 - w_text) * out_i).to(text_rows.dtype)
+    mixed = (w_text * out_t + (1 - w_text) * out_i).to(q.dtype)
+    if text_rows is None:
+        return mixed
     parts = [text_rows, mixed] if text_first else [mixed, text_rows]
     return torch.cat(parts, dim=-2)
 
@@ -227,7 +237,7 @@ def row_ranges(p: Perturbation, module_batch: int, sdpa_batch: int, offset: int)
 def perturbed_sdpa(sdpa: dict, p: Perturbation, ranges: List[Tuple[int, int]], joint: Optional[Tuple[int, bool]]):
     """SDPA of one call with the batch rows in ``ranges`` perturbed and every other row
     computed by SDPA as without asag (SDPA runs on those rows only). ``joint``: (text
-    tokens, text first) for joint attention, None for self-attention."""
+    tokens, text first, text among the queries) for joint attention, None for self-attention."""
     q, k, v = sdpa["query"], sdpa["key"], sdpa["value"]
     mask, causal, scale = sdpa["attn_mask"], sdpa["is_causal"], sdpa["scale"]
     squeeze = q.dim() == 3
