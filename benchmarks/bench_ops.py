@@ -163,7 +163,9 @@ def run(args):
                 logits = bh * n * n
                 results = {}
                 for name, fn in methods(args.lam, iters, args.d**-0.5).items():
-                    if name in args.skip or (name == "eager reference" and n > args.max_eager_n):
+                    too_big = (name == "eager reference" and n > args.max_eager_n) or (
+                        name == "compiled reference" and n > args.max_compiled_n)
+                    if name in args.skip or too_big:
                         continue
                     if not name.startswith("SDPA"):
                         err = (fn(*small).double() - truth).abs().max().item()
@@ -256,6 +258,7 @@ def main():
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-eager-n", type=int, default=1 << 30, help="skip the eager reference above this N")
+    parser.add_argument("--max-compiled-n", type=int, default=1 << 30, help="skip the compiled reference above this N")
     parser.add_argument("--skip", nargs="*", default=[], help="method names to leave out")
     parser.add_argument("--out", help="output prefix (default benchmarks/results/bench_ops_<device>)")
     args = parser.parse_args()

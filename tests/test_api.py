@@ -214,3 +214,92 @@ def test_gradients_flow_through_the_kernel_op():
     logits = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: asag.ops.sinkhorn(x, iters=3, backend="kernel"), (logits,))
     assert torch.autograd.gradcheck(lambda a, b: asag.ops.adversarial_logits(a, b, lam=2.0, backend="kernel"), (qq, kk))
+
+
+def test_compiled_archs_decide_where_cuda_kernels_run():
+    from asag.ops._backend import arch_runs
+
+    spec = "8.0;9.0+PTX"
+    assert arch_runs(spec, (8, 0)) and arch_runs(spec, (8, 6)) and arch_runs(spec, (9, 0)) and arch_runs(spec, (10, 0))
+    assert not arch_runs(spec, (7, 5))  # a T4: no SASS for 7.x and the PTX is newer than the card
+    assert not arch_runs("8.0;9.0", (10, 0))  # no PTX to JIT for a newer card
+
+
+def test_meta_tensors_mixed_with_real_ones_are_refused():
+    q, k, v = make_qkv(1, 2, 5, 6, 8)
+    with pytest.raises((RuntimeError, ValueError), match="device"):
+        torch.ops.asag.sinkhorn_attention(q, k.to("meta"), v, 1.0, 2, 1.0, 0.3, None, None)
+    with pytest.raises((RuntimeError, ValueError), match="device"):
+        torch.ops.asag.adversarial_logits(q.to("meta"), k, 1.0, 1.0, 0.3)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.ops.asag.sinkhorn(x, 2, None),
+    lambda x: torch.ops.asag.adversarial_logits(x, x, 1.0, 1.0, 0.3),
+])
+def test_float8_is_refused(call):
+    x = torch.randn(1, 1, 4, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        call(x)
+
+
+def test_iterations_are_bounded():
+    q, k, v = make_qkv(1, 1, 3, 3, 4)
+    with pytest.raises(ValueError, match="iters must be at most 10000"):
+        asag.ops.sinkhorn_attention(q, k, v, lam=1.0, iters=2**63)
+    with pytest.raises(RuntimeError, match="iters must be at most 10000"):
+        torch.ops.asag.sinkhorn_attention(q, k, v, 1.0, 10001, 1.0, 0.5, None, None)
+
+
+def test_sinkhorn_mask_has_one_meaning():
+    logits = torch.randn(3, 3, 4, 5)
+    mask = torch.rand(3, 5) > 0.3
+    mask[:, 0] = True
+    for call in (lambda m: asag.ops.sinkhorn(logits, iters=2, key_mask=m), lambda m: torch.ops.asag.sinkhorn(logits, 2, m)):
+        with pytest.raises((ValueError, RuntimeError), match=r"key_mask must broadcast to \(\.\.\., Nk\)"):
+            call(mask)  # (B, Nk) for (B, H, Nq, Nk) logits: per batch or per head? Refused.
+    per_batch = mask[:, None, :]
+    kernel = torch.ops.asag.sinkhorn(logits, 2, per_batch)
+    torch.testing.assert_close(kernel, asag.ops.sinkhorn(logits, iters=2, key_mask=per_batch, backend="torch"))
+    assert (kernel[1, :, :, ~mask[1]] == 0).all()  # batch 1's masked keys, in every head
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_non_finite_logits_give_a_finite_plan(backend):
+    logits = torch.randn(2, 4, 6)
+    logits[0, 1, 2] = float("inf")
+    logits[0, 2, :] = float("nan")
+    logits[1, 3, 1] = float("-inf")
+    plan = asag.ops.sinkhorn(logits, iters=3, backend=backend)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan.sum(-1), torch.ones(2, 4))
+    assert plan[0, 1, 2] == 1.0 and plan[1, 3, 1] == 0.0  # +inf takes the row's mass, -inf none
+    clean = asag.ops.sinkhorn(logits[1:], iters=3, backend=backend)  # batch 1 only has a -inf
+    other = asag.ops.sinkhorn(logits[1:], iters=3, backend="torch" if backend == "kernel" else "kernel")
+    torch.testing.assert_close(clean, other)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_gradients_stay_finite_with_masks_and_empty_rows(backend):
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 5, 6, 8, seed=3))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[1] = False  # a batch row with no valid key
+    allowed = torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(1)) > 0.4
+    allowed[..., 0, :] = False  # a query that may attend nothing
+    for extra in (dict(key_mask=mask), dict(attn_bias=allowed)):
+        out = asag.ops.sinkhorn_attention(q, k, v, lam=1.5, iters=3, backend=backend, **extra)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads), extra
+
+
+def test_double_backward_matches_the_reference():
+    q, k, v = (t.double().requires_grad_() for t in make_qkv(1, 2, 4, 5, 6, seed=4))
+
+    def second(backend):
+        out = asag.ops.sinkhorn_attention(q, k, v, lam=1.0, iters=2, backend=backend)
+        (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        return torch.autograd.grad(gq.sum(), (q, k, v))
+
+    for a, b in zip(second("kernel"), second("torch")):
+        torch.testing.assert_close(a, b)

@@ -32,19 +32,29 @@ SHAPES = AWKWARD_SHAPES + [
 ]
 
 
+STD = 2.5  # peaked enough that every iteration still moves the result
+
+
 def _scale(q):
     return q.shape[-1] ** -0.5
+
+
+def _fp_tolerance(dtype, ref, nk=1):
+    """float32 lands within a few 1e-6 of the output's size (more for long rows, whose sums
+    gather more rounding); float64 within round-off."""
+    rel = 8e-6 * max(1.0, (nk / 4096) ** 0.5) if dtype != torch.float64 else 1e-12
+    return rel * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("params", PARAMS, ids=params_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cuda_matches_float64_and_cpu(shape, params, dtype):
-    q, k, v = make_qkv(*shape, dtype=dtype, seed=sum(shape))
+    q, k, v = make_qkv(*shape, dtype=dtype, seed=sum(shape), std=STD)
     ref = reference64(q, k, v, scale=_scale(q), **params)
     out = asag.ops.sinkhorn_attention(q.cuda(), k.cuda(), v.cuda(), backend="kernel", **params)
     assert out.is_cuda and out.dtype == dtype
-    tol = (2e-5 if dtype == torch.float32 else 1e-12) * (1 + ref.abs().max().item())
+    tol = _fp_tolerance(dtype, ref, shape[3])
     assert max_err(out.cpu(), ref) <= tol
     cpu = asag.ops.sinkhorn_attention(q, k, v, backend="kernel", **params)
     assert max_err(out.cpu(), cpu) <= tol
@@ -73,7 +83,7 @@ def test_cuda_masks_and_biases(dtype):
     ref = reference64(q, k, v, scale=_scale(q), **params)
     cuda_params = dict(params, key_mask=mask.cuda(), attn_bias=bias.cuda())
     out = asag.ops.sinkhorn_attention(q.cuda(), k.cuda(), v.cuda(), backend="kernel", **cuda_params)
-    tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2}.get(dtype, 2e-5)
+    tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2}.get(dtype, _fp_tolerance(dtype, ref))
     assert max_err(out.cpu(), ref) <= tol
     assert (out[1] == 0).all()
 
@@ -85,7 +95,7 @@ def test_cuda_non_contiguous_inputs():
     v = torch.randn(2, 60, 4, 32, generator=g).cuda().transpose(1, 2)
     out = asag.ops.sinkhorn_attention(q, k, v, lam=2.0, iters=4, backend="kernel")
     ref = reference64(q.cpu(), k.cpu(), v.cpu(), lam=2.0, iters=4, scale=64**-0.5)
-    assert max_err(out.cpu(), ref) <= 2e-5
+    assert max_err(out.cpu(), ref) <= _fp_tolerance(torch.float32, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -98,7 +108,7 @@ def test_cuda_sinkhorn_and_logits(dtype):
     q, k, _ = make_qkv(2, 2, 37, 29, 72, dtype=dtype, seed=9)
     m = asag.ops.adversarial_logits(q.cuda(), k.cuda(), lam=3.0, backend="kernel")
     mref = reference.adversarial_logits(q.double(), k.double(), lam=3.0, scale=72**-0.5)
-    assert max_err(m.cpu(), mref) <= 2e-5 * (1 + mref.abs().max().item())
+    assert max_err(m.cpu(), mref) <= (2e-6 if dtype == torch.float32 else 1e-5) * mref.abs().max().item()
 
 
 def test_cuda_extremes_stay_finite():

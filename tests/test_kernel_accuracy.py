@@ -26,23 +26,32 @@ def _scale(q):
     return q.shape[-1] ** -0.5
 
 
+# Inputs peaked enough (std 2.5) that every Sinkhorn iteration still moves the result: one
+# iteration fewer changes it by 1e-2 to 4e-1 of its size, far beyond the tolerances below.
+STD = 2.5
+
+
 def _fp_tolerance(dtype, ref):
-    # docs/method.md: fp32 agrees with float64 to about 1e-5 relative.
-    rel = 2e-5 if dtype == torch.float32 else 1e-12
-    return rel * (1.0 + ref.abs().max().item())
+    """What the arithmetic achieves against float64: float32 kernels land within 3.5e-6 of
+    the output's size on these shapes (measured), float64 within round-off."""
+    rel = 8e-6 if dtype == torch.float32 else 1e-12
+    return rel * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("shape", AWKWARD_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("params", PARAMS, ids=params_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_attention_matches_float64(shape, params, dtype):
-    q, k, v = make_qkv(*shape, dtype=dtype, seed=sum(shape))
+    q, k, v = make_qkv(*shape, dtype=dtype, seed=sum(shape), std=STD)
     out = asag.ops.sinkhorn_attention(q, k, v, backend="kernel", **params)
     ref = reference64(q, k, v, scale=_scale(q), **params)
     assert out.dtype == dtype and out.shape == ref.shape
     assert max_err(out, ref) <= _fp_tolerance(dtype, ref)
     torch_ref = asag.ops.sinkhorn_attention(q, k, v, backend="torch", **params)
     assert max_err(torch_ref, ref) <= _fp_tolerance(dtype, ref)
+    if params["iters"] and shape[2] > 1:  # the test can fail: one iteration fewer would
+        fewer = asag.ops.sinkhorn_attention(q, k, v, backend="kernel", **dict(params, iters=params["iters"] - 1))
+        assert max_err(fewer, ref) > 100 * _fp_tolerance(torch.float32, ref)
 
 
 @pytest.mark.parametrize("shape", AWKWARD_SHAPES[:6], ids=shape_id)
@@ -66,7 +75,7 @@ def test_half_precision_error_at_most_twice_pytorch(shape, dtype):
 @pytest.mark.parametrize("bias_shape", [None, (2, 3, 33, 45), (1, 3, 1, 45), (33, 45), (45,)])
 def test_masks_and_biases(dtype, bias_shape):
     b, h, nq, nk, d = 2, 3, 33, 45, 64
-    q, k, v = make_qkv(b, h, nq, nk, d, dtype=dtype, seed=3)
+    q, k, v = make_qkv(b, h, nq, nk, d, dtype=dtype, seed=3, std=STD)
     key_mask = random_key_mask(b, nk)
     bias = None
     if bias_shape is not None:
@@ -97,7 +106,7 @@ def test_non_contiguous_inputs():
     assert not q.is_contiguous()
     out = asag.ops.sinkhorn_attention(q, k, v, lam=2.0, iters=4, backend="kernel")
     ref = reference64(q, k, v, lam=2.0, iters=4, scale=64**-0.5)
-    assert max_err(out, ref) <= 2e-5
+    assert max_err(out, ref) <= _fp_tolerance(torch.float32, ref)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -106,7 +115,7 @@ def test_adversarial_logits_match_reference(dtype):
     m = asag.ops.adversarial_logits(q, k, lam=3.0, tau=0.5, backend="kernel")
     ref = reference.adversarial_logits(q.double(), k.double(), lam=3.0, tau=0.5, scale=72**-0.5)
     assert m.dtype == reference.accumulation_dtype(dtype) and m.shape == (2, 2, 37, 29)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5 * (1 + ref.abs().max().item())
+    tol = 1e-12 if dtype == torch.float64 else 2e-6 * ref.abs().max().item()
     assert max_err(m, ref) <= tol
 
 
@@ -133,10 +142,10 @@ def test_random_sweep_against_float64():
         lam = float(torch.rand((), generator=gen)) * 6
         iters = int(torch.randint(0, 12, (), generator=gen))
         tau = 0.25 + float(torch.rand((), generator=gen)) * 2
-        std = 0.5 + float(torch.rand((), generator=gen)) * 2
+        std = 1.5 + float(torch.rand((), generator=gen)) * 2
         q, k, v = make_qkv(b, h, nq, nk, d, dv, seed=trial, std=std)
         mask = random_key_mask(b, nk, seed=trial) if trial % 2 else None
         params = dict(lam=lam, iters=iters, tau=tau, key_mask=mask)
         out = asag.ops.sinkhorn_attention(q, k, v, backend="kernel", **params)
         ref = reference64(q, k, v, scale=d**-0.5, **params)
-        assert max_err(out, ref) <= 2e-5 * (1 + ref.abs().max().item()), params
+        assert max_err(out, ref) <= _fp_tolerance(torch.float32, ref), params

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A call always ends in reasonable time: a plan has long converged (or never will) by then.
+MAX_ITERS = 10000
 
 
 def _check_tensor(name: str, t, rank: Optional[int], layout: str) -> None:
@@ -52,6 +54,8 @@ def check_scalars(*, lam=None, iters=None, tau=None, scale=None) -> None:
             raise TypeError(f"iters must be an int, got {type(iters).__name__}")
         if iters < 0:
             raise ValueError(f"iters must be >= 0 (Sinkhorn iterations), got {iters}")
+        if iters > MAX_ITERS:
+            raise ValueError(f"iters must be at most {MAX_ITERS} (a bound that keeps every call short), got {iters}")
 
 
 def check_qk(q, k) -> None:
@@ -104,9 +108,11 @@ def check_sinkhorn(logits, key_mask) -> None:
     if key_mask is not None:
         _check_mask(key_mask, logits.device)
         target = (*logits.shape[:-2], logits.shape[-1])
-        if not _broadcasts_to(key_mask.shape, target):
+        if key_mask.dim() != logits.dim() - 1 or not _broadcasts_to(key_mask.shape, target):
             raise ValueError(
-                f"key_mask must broadcast to (..., Nk) = {target}, got {tuple(key_mask.shape)}"
+                f"key_mask must broadcast to (..., Nk) = {target}, one dim per leading dim of the logits "
+                f"(each may be 1), got {tuple(key_mask.shape)} (for (B, H, Nq, Nk) logits and a per-batch "
+                "mask, pass key_mask[:, None, :])"
             )
 
 

@@ -3,36 +3,47 @@ autograd formulas. Imported only when asag._C is loaded (it defines the ops' sch
 
 import torch
 
-from . import reference
+from . import _checks, reference
+
+
+# The fake kernels check what the real ones check (they also serve meta tensors, and a call
+# mixing a meta tensor with real ones is dispatched to them): a wrong call never returns an
+# uninitialised tensor.
 
 
 @torch.library.register_fake("asag::adversarial_logits")
 def _adversarial_logits_fake(q, k, lam, tau, scale):
+    _checks.check_qk(q, k)
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return q.new_empty(shape, dtype=reference.accumulation_dtype(q.dtype))
 
 
 @torch.library.register_fake("asag::sinkhorn")
 def _sinkhorn_fake(logits, iters, key_mask=None):
+    _checks.check_sinkhorn(logits, key_mask)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("asag::sinkhorn_attention")
 def _sinkhorn_attention_fake(q, k, v, lam, iters, tau, scale, key_mask=None, attn_bias=None):
+    _checks.check_attention(q, k, v, key_mask, attn_bias)
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
 # Backward passes differentiate the reference, recomputed from the saved inputs. The kernels
 # are forward-only (guidance needs no gradient); this keeps the ops usable in training code.
+# Under create_graph (grad mode on during backward) the recomputation stays connected to the
+# inputs, so second derivatives are the reference's too, not silently dropped.
 
 
 def _reference_grads(fn, inputs, grad_out):
     needs = [isinstance(t, torch.Tensor) and t.requires_grad for t in inputs]
+    higher_order = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) if n else t for t, n in zip(inputs, needs)]
+        leaves = inputs if higher_order else [t.detach().requires_grad_(n) if n else t for t, n in zip(inputs, needs)]
         out = fn(*leaves)
         wanted = [t for t, n in zip(leaves, needs) if n]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True, create_graph=higher_order))
     return [next(grads) if n else None for n in needs]
 
 

@@ -104,19 +104,13 @@ def sinkhorn(
 
     Starts from ``g = 0``, ``f = -LSE_j(M)`` and runs ``iters`` column-then-row steps, so the
     rows of the plan sum to 1 exactly and the columns tend to ``Nq / Nk_valid``.
-    ``key_mask`` is bool, broadcastable to ``(..., Nk)`` (True = valid key); for
-    ``(B, H, Nq, Nk)`` logits a ``(B, Nk)`` mask, as ``sinkhorn_attention`` takes, is also
-    accepted. Masked keys get zero mass. Returns the plan in the dtype of ``logits``
+    ``key_mask`` is bool with the logits' leading dims (each may be 1) and ``Nk``, True =
+    valid key: for ``(B, H, Nq, Nk)`` logits, ``(B, H, Nk)`` or ``(B, 1, Nk)``
+    (``key_mask[:, None, :]`` of the ``(B, Nk)`` mask ``sinkhorn_attention`` takes). Masked
+    keys get zero mass. Logits are clamped as the attention op's are: NaN to ``-1e30`` (never
+    chosen), ``+inf`` to ``1e30``; ``-inf`` stays a masked entry. Returns the plan in the dtype of ``logits``
     (computed in float32, or float64).
     """
-    if (
-        isinstance(key_mask, torch.Tensor)
-        and isinstance(logits, torch.Tensor)
-        and key_mask.dim() == 2
-        and logits.dim() == 4
-        and tuple(key_mask.shape) == (logits.shape[0], logits.shape[-1])
-    ):
-        key_mask = key_mask[:, None, :]
     _checks.check_sinkhorn(logits, key_mask)
     _checks.check_scalars(iters=iters)
     if use_kernel(backend, logits.device, "sinkhorn"):

@@ -43,6 +43,36 @@ def bias_to_additive(attn_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return attn_bias.to(dtype)
 
 
+def _lse(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """log-sum-exp along dim (kept), -inf where every entry is -inf, with gradients that stay
+    finite there (torch.logsumexp's are NaN for such rows, and so would every gradient be)."""
+    if x.shape[dim] == 0:  # an empty reduction: nothing reachable
+        shape = list(x.shape)
+        shape[dim] = 1
+        return x.new_full(shape, -math.inf)
+    top = x.detach().amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(x - top).sum(dim, keepdim=True)
+    empty = total == 0
+    out = torch.log(torch.where(empty, torch.ones_like(total), total)) + top
+    return torch.where(empty, torch.full_like(out, -math.inf), out)
+
+
+def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """softmax along dim, all zero where every entry is -inf, with finite gradients."""
+    top = x.detach().amax(dim, keepdim=True) if x.shape[dim] else x.new_zeros(())
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(x - top)
+    total = e.sum(dim, keepdim=True)
+    return e / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def _potential(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """-LSE along dim, and 0 where nothing is reachable (a row or column of -inf)."""
+    lse = _lse(x, dim)
+    return torch.where(torch.isfinite(lse), -lse, torch.zeros_like(lse))
+
+
 def adversarial_logits(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -56,8 +86,10 @@ def adversarial_logits(
     acc = compute_dtype or accumulation_dtype(q.dtype)
     q, k = q.to(acc), k.to(acc)
     dots = q @ k.transpose(-1, -2)
-    rq = 1.0 / torch.linalg.vector_norm(q, dim=-1).clamp_min(NORM_FLOOR)
-    rk = 1.0 / torch.linalg.vector_norm(k, dim=-1).clamp_min(NORM_FLOOR)
+    # max(|x|, floor) as sqrt(max(|x|^2, floor^2)): the same value, and a zero gradient (not
+    # NaN) for vectors under the floor.
+    rq = torch.rsqrt((q * q).sum(-1).clamp_min(NORM_FLOOR**2))
+    rk = torch.rsqrt((k * k).sum(-1).clamp_min(NORM_FLOOR**2))
     cosine = dots * rq[..., :, None] * rk[..., None, :]
     return clamp_logits((scale * dots - lam * cosine) / tau)
 
@@ -76,7 +108,7 @@ def sinkhorn(
     marginals. Rows with no reachable key are all zero.
     """
     acc = compute_dtype or accumulation_dtype(logits.dtype)
-    m = logits.to(acc)
+    m = clamp_logits(logits.to(acc))
     nq, nk = m.shape[-2], m.shape[-1]
     if key_mask is not None:
         valid = key_mask.expand(*m.shape[:-2], nk)
@@ -87,13 +119,11 @@ def sinkhorn(
     log_marginal = torch.log(nq / n_valid)
     g = torch.zeros(*m.shape[:-2], 1, nk, dtype=acc, device=m.device)
     for _ in range(iters):
-        f = -torch.logsumexp(m + g, dim=-1, keepdim=True)
-        f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))  # rows with no key
-        col_lse = torch.logsumexp(m + f, dim=-2, keepdim=True)
+        f = _potential(m + g, dim=-1)  # 0 for rows with no key
+        col_lse = _lse(m + f, dim=-2)
         # Columns no query reaches (masked or -inf throughout) keep their potential.
         g = torch.where(torch.isfinite(col_lse), log_marginal - col_lse, g)
-    plan = torch.softmax(m + g, dim=-1)
-    plan = torch.nan_to_num(plan, nan=0.0)  # softmax of an all -inf row
+    plan = _softmax(m + g, dim=-1)  # rows with no key: all zero
     return plan.to(logits.dtype)
 
 

@@ -10,10 +10,14 @@
 namespace asag {
 
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
-              " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
-              t.scalar_type());
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kHalf || d == at::kBFloat16 || d == at::kFloat || d == at::kDouble, name,
+              " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ", d);
 }
+
+// Iterations are bounded so that a call always ends in reasonable time (a plan has long
+// converged, or never will, well before this).
+constexpr int64_t kMaxIters = 10000;
 
 inline void check_params(double lam, double tau, double scale) {
   TORCH_CHECK(std::isfinite(lam) && lam >= 0, "lam must be finite and >= 0, got ", lam);
@@ -23,6 +27,7 @@ inline void check_params(double lam, double tau, double scale) {
 
 inline void check_iters(int64_t iters) {
   TORCH_CHECK(iters >= 0, "iters must be >= 0, got ", iters);
+  TORCH_CHECK(iters <= kMaxIters, "iters must be at most ", kMaxIters, ", got ", iters);
 }
 
 // True when `shape` broadcasts to `target` (numpy rules).
@@ -91,8 +96,11 @@ inline void check_sinkhorn(const at::Tensor& logits, const c10::optional<at::Ten
     TORCH_CHECK(m.device() == logits.device(), "key_mask must be on the device of logits");
     std::vector<int64_t> target(logits.sizes().begin(), logits.sizes().end() - 2);
     target.push_back(logits.size(-1));
-    TORCH_CHECK(broadcasts_to(m.sizes(), target), "key_mask must broadcast to (..., Nk) = ",
-                at::IntArrayRef(target), ", got ", m.sizes());
+    // One meaning: the mask has the logits' leading dims (each may be 1) and Nk; a shorter mask
+    // would broadcast from the right and silently mean another dim (a batch mask read per head).
+    TORCH_CHECK(m.dim() == logits.dim() - 1 && broadcasts_to(m.sizes(), target),
+                "key_mask must broadcast to (..., Nk) = ", at::IntArrayRef(target),
+                ", one dim per leading dim of the logits (each may be 1), got ", m.sizes());
   }
 }
 
