@@ -13,3 +13,19 @@ def _flag(name: str) -> bool:
 
 #: ASAG_DISABLE_EXTENSION=1: do not load asag._C; every op runs the PyTorch reference.
 DISABLE_EXTENSION = _flag("ASAG_DISABLE_EXTENSION")
+
+
+def _bytes(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(float(value))
+    except ValueError:
+        raise ValueError(f"{name} must be a number of bytes, got {value!r}") from None
+
+
+#: ASAG_MATERIALIZED_BYTES: the largest float32 Nq x Nk logits block of one (batch, head)
+#: slice that sinkhorn_attention(path="auto") materialises; above it the streaming path runs.
+#: Default 512 MiB (square attention up to 11585 tokens).
+MATERIALIZED_BYTES = _bytes("ASAG_MATERIALIZED_BYTES", 512 * 2**20)

@@ -34,7 +34,10 @@ def build_info() -> dict:
     Keys: ``extension`` (loaded?), ``unavailable_reason``, ``cpu_kernels``, ``cpu_isa`` (the
     instruction set the CPU kernels' hot loops use here), ``cuda_kernels``, ``cuda_archs``,
     ``cuda_version`` (compiled for), ``torch_version`` (compiled against), ``openmp``,
-    ``debug``, and ``torch_runtime`` / ``cuda_runtime`` (what is running now).
+    ``debug``, ``cpu_streaming`` / ``cuda_streaming`` (the streaming path's kernels),
+    ``materialized_bytes`` (above this many bytes of one slice's float32 logits,
+    ``sinkhorn_attention(path="auto")`` streams), and ``torch_runtime`` / ``cuda_runtime``
+    (what is running now).
     """
     import torch
 
@@ -46,6 +49,7 @@ def build_info() -> dict:
     }
     if _C is not None:
         info.update(_C.build_info())
+    info["materialized_bytes"] = _environment.MATERIALIZED_BYTES
     info["torch_runtime"] = torch.__version__
     info["cuda_runtime"] = torch.version.cuda
     return info

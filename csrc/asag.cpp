@@ -13,6 +13,10 @@ TORCH_LIBRARY(asag, m) {
   m.def(
       "sinkhorn_attention(Tensor q, Tensor k, Tensor v, float lam, int iters, float tau, "
       "float scale, Tensor? key_mask=None, Tensor? attn_bias=None) -> Tensor");
+  // The same op without an Nq x Nk matrix: logits recomputed block by block in every sweep.
+  m.def(
+      "sinkhorn_attention_streaming(Tensor q, Tensor k, Tensor v, float lam, int iters, "
+      "float tau, float scale, Tensor? key_mask=None, Tensor? attn_bias=None) -> Tensor");
 }
 
 namespace {
@@ -34,12 +38,15 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["cpu_kernels"] = true;
   info["cpu_isa"] = cpu_isa();
+  info["cpu_streaming"] = true;
 #ifdef ASAG_WITH_CUDA
   info["cuda_kernels"] = true;
+  info["cuda_streaming"] = true;
   info["cuda_archs"] = ASAG_CUDA_ARCHS;
   info["cuda_version"] = ASAG_CUDA_VERSION;
 #else
   info["cuda_kernels"] = false;
+  info["cuda_streaming"] = false;
   info["cuda_archs"] = pybind11::none();
   info["cuda_version"] = pybind11::none();
 #endif

@@ -54,11 +54,14 @@ def _arch_reason(device: torch.device):
     return _ARCH_REASONS[index]
 
 
-def kernel_unsupported_reasons(device: torch.device) -> List[str]:
-    """Every reason the compiled kernel cannot serve a call on ``device`` (empty: it can)."""
+def kernel_unsupported_reasons(device: torch.device, streaming: bool = False) -> List[str]:
+    """Every reason the compiled kernel cannot serve a call on ``device`` (empty: it can);
+    ``streaming``: the streaming path's kernel."""
     if not _extension.available():
         return [_extension.UNAVAILABLE_REASON]
     reasons = []
+    if streaming and device.type == "cuda" and _BUILD.get("cuda_kernels") and not _BUILD.get("cuda_streaming"):
+        reasons.append("asag._C has no CUDA streaming kernel")
     if device.type == "cuda" and not _BUILD.get("cuda_kernels"):
         reasons.append(
             "asag._C was built without CUDA kernels (rebuild with the CUDA toolkit and "
@@ -73,13 +76,13 @@ def kernel_unsupported_reasons(device: torch.device) -> List[str]:
     return reasons
 
 
-def use_kernel(backend: str, device: torch.device, op: str) -> bool:
+def use_kernel(backend: str, device: torch.device, op: str, streaming: bool = False) -> bool:
     """True to run the compiled op, False to run the reference (see module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    reasons = kernel_unsupported_reasons(device)
+    reasons = kernel_unsupported_reasons(device, streaming)
     if not reasons:
         return True
     if backend == "kernel":

@@ -30,6 +30,9 @@ def _sinkhorn_attention_fake(q, k, v, lam, iters, tau, scale, key_mask=None, att
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
+torch.library.register_fake("asag::sinkhorn_attention_streaming")(_sinkhorn_attention_fake)
+
+
 # Backward passes differentiate the reference, recomputed from the saved inputs. The kernels
 # are forward-only (guidance needs no gradient); this keeps the ops usable in training code.
 # Under create_graph (grad mode on during backward) the recomputation stays connected to the
@@ -97,9 +100,8 @@ def _backward_sinkhorn(ctx, grad):
     return glogits, None, None
 
 
-torch.library.register_autograd(
-    "asag::sinkhorn_attention", _backward_attention, setup_context=_setup_attention
-)
+for _name in ("asag::sinkhorn_attention", "asag::sinkhorn_attention_streaming"):
+    torch.library.register_autograd(_name, _backward_attention, setup_context=_setup_attention)
 torch.library.register_autograd(
     "asag::adversarial_logits", _backward_logits, setup_context=_setup_logits
 )

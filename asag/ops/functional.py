@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .. import _extension
+from .. import _environment, _extension
 from . import _checks, reference
 from ._backend import use_kernel
 
@@ -32,6 +32,7 @@ def sinkhorn_attention(
     key_mask: Optional[torch.Tensor] = None,
     attn_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Adversarial Sinkhorn attention (docs/method.md section 1).
 
@@ -53,20 +54,37 @@ def sinkhorn_attention(
             (True = attend, as in SDPA) that becomes ``0 / -inf``.
         backend: ``"auto"`` (kernel if it can serve the call, else the reference, with a
             one-time warning naming why), ``"kernel"`` (error if it cannot) or ``"torch"``.
+        path: ``"materialized"`` (one float32 ``Nq x Nk`` logits block per slice in flight:
+            fastest while it fits), ``"streaming"`` (no such block: logits recomputed a block
+            of rows at a time in every sweep, memory linear in ``Nq + Nk``) or ``"auto"``:
+            streaming when one slice's block would exceed ``ASAG_MATERIALIZED_BYTES``
+            (default 512 MiB). Both compute the same maths, to float32 round-off.
 
     Returns:
         ``(B, H, Nq, Dv)`` in the dtype of ``q``. Arithmetic is float32 (float64 for float64).
     """
     _checks.check_attention(q, k, v, key_mask, attn_bias)
     _checks.check_scalars(lam=lam, iters=iters, tau=tau, scale=scale)
+    streaming = choose_path(path, q.shape[2], k.shape[2]) == "streaming"
     scale = _default_scale(q, scale)
-    if use_kernel(backend, q.device, "sinkhorn_attention"):
-        return torch.ops.asag.sinkhorn_attention(
-            q, k, v, float(lam), int(iters), float(tau), scale, key_mask, attn_bias
-        )
-    return reference.sinkhorn_attention(
-        q, k, v, lam=lam, iters=iters, tau=tau, scale=scale, key_mask=key_mask, attn_bias=attn_bias
-    )
+    if use_kernel(backend, q.device, "sinkhorn_attention", streaming=streaming):
+        op = torch.ops.asag.sinkhorn_attention_streaming if streaming else torch.ops.asag.sinkhorn_attention
+        return op(q, k, v, float(lam), int(iters), float(tau), scale, key_mask, attn_bias)
+    fn = reference.sinkhorn_attention_streaming if streaming else reference.sinkhorn_attention
+    return fn(q, k, v, lam=lam, iters=iters, tau=tau, scale=scale, key_mask=key_mask, attn_bias=attn_bias)
+
+
+PATHS = ("auto", "materialized", "streaming")
+
+
+def choose_path(path: str, nq: int, nk: int) -> str:
+    """"materialized" or "streaming" for a call with these token counts (see
+    sinkhorn_attention's ``path``)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path != "auto":
+        return path
+    return "streaming" if 4 * nq * nk > _environment.MATERIALIZED_BYTES else "materialized"
 
 
 def adversarial_logits(

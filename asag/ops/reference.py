@@ -148,3 +148,74 @@ def sinkhorn_attention(
     mask = key_mask[:, None, :] if key_mask is not None else None
     plan = sinkhorn(m, iters=iters, key_mask=mask, compute_dtype=acc)
     return (plan @ v.to(acc)).to(q.dtype)
+
+
+def _bias_block(bias: Optional[torch.Tensor], rows: slice, cols: slice) -> Optional[torch.Tensor]:
+    """The (rows, cols) block of a bias broadcastable to (B, H, Nq, Nk)."""
+    if bias is None:
+        return None
+    if bias.dim() >= 2 and bias.shape[-2] != 1:
+        bias = bias[..., rows, :]
+    if bias.shape[-1] != 1:
+        bias = bias[..., cols]
+    return bias
+
+
+def sinkhorn_attention_streaming(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    lam: float,
+    iters: int,
+    tau: float = 1.0,
+    scale: float,
+    key_mask: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    block_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """:func:`sinkhorn_attention` without its ``Nq x Nk`` matrix: the logits are recomputed
+    for a block of rows (row steps, the output) or of columns (column steps) at a time, at most
+    ``block_elements`` of them; the same maths, in the plain log domain."""
+    acc = compute_dtype or accumulation_dtype(q.dtype)
+    q_dtype = q.dtype
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    nq, nk = q.shape[-2], k.shape[-2]
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if out.numel() == 0 or nk == 0:
+        return out.to(q_dtype)
+    rq = torch.rsqrt((q * q).sum(-1, keepdim=True).clamp_min(NORM_FLOOR**2))
+    rk = torch.rsqrt((k * k).sum(-1, keepdim=True).clamp_min(NORM_FLOOR**2))
+    bias = bias_to_additive(attn_bias, acc) if attn_bias is not None else None
+    valid = key_mask[:, None, None, :] if key_mask is not None else None
+
+    def logits(rows: slice, cols: slice) -> torch.Tensor:
+        dots = q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)
+        cosine = dots * rq[..., rows, :] * rk[..., cols, :].transpose(-1, -2)
+        m = clamp_logits((scale * dots - lam * cosine) / tau)
+        b = _bias_block(bias, rows, cols)
+        if b is not None:
+            m = clamp_logits(m + b)
+        if valid is not None:
+            m = m.masked_fill(~valid[..., cols], -math.inf)
+        return m
+
+    row_step = max(1, block_elements // max(nk, 1))
+    col_step = max(1, block_elements // max(nq, 1))
+    rows = [slice(i, i + row_step) for i in range(0, nq, row_step)]
+    cols = [slice(j, j + col_step) for j in range(0, nk, col_step)]
+    every = slice(None)
+    if valid is not None:
+        n_valid = valid.sum(-1, keepdim=True).to(acc)  # (B, 1, 1, 1)
+    else:
+        n_valid = torch.full((), float(nk), dtype=acc, device=q.device)
+    log_marginal = torch.log(nq / n_valid)
+    g = q.new_zeros(*q.shape[:-2], 1, nk)
+    for _ in range(iters):
+        f = torch.cat([_potential(logits(r, every) + g, dim=-1) for r in rows], dim=-2)
+        col_lse = torch.cat([_lse(logits(every, c) + f, dim=-2) for c in cols], dim=-1)
+        g = torch.where(torch.isfinite(col_lse), log_marginal - col_lse, g)
+    for r in rows:
+        out[..., r, :] = _softmax(logits(r, every) + g, dim=-1) @ v
+    return out.to(q_dtype)

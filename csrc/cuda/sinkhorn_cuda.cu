@@ -136,12 +136,23 @@ at::Tensor sinkhorn_attention_cuda(const at::Tensor& q, const at::Tensor& k, con
   return sinkhorn_attention_impl<CudaDevice>(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
 }
 
+at::Tensor sinkhorn_attention_streaming_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             double lam, int64_t iters, double tau, double scale,
+                                             const c10::optional<at::Tensor>& key_mask,
+                                             const c10::optional<at::Tensor>& attn_bias) {
+  check_attention_call(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return sinkhorn_attention_streaming_impl<CudaDevice>(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(asag, CUDA, m) {
   m.impl("adversarial_logits", &adversarial_logits_cuda);
   m.impl("sinkhorn", &sinkhorn_cuda);
   m.impl("sinkhorn_attention", &sinkhorn_attention_cuda);
+  m.impl("sinkhorn_attention_streaming", &sinkhorn_attention_streaming_cuda);
 }
 
 }  // namespace cuda

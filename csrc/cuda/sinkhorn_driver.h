@@ -19,6 +19,7 @@
 #include "asag/checks.h"
 #include "asag/op_common.h"
 #include "sinkhorn_kernels.cuh"
+#include "streaming_kernels.cuh"
 
 namespace asag {
 namespace cuda {
@@ -213,6 +214,47 @@ at::Tensor sinkhorn_attention_impl(const at::Tensor& q, const at::Tensor& k, con
                                        lm.data_ptr<scalar_t>(), iters, opts);
       at::Tensor o = out3.narrow(0, s0, c);
       Device::product_pv(o, L, v3.narrow(0, s0, c));
+    }
+  });
+  return in.out.to(q.scalar_type());
+}
+
+// Streaming: no Nq x Nk matrix. Per iteration a row sweep (f) and a column sweep (g), then
+// a row sweep that also multiplies the plan by v; every sweep recomputes its logits tile by
+// tile. Slices go 65535 at a time (the grid's y limit); memory is O(Nq + Nk) per slice.
+template <typename Device>
+at::Tensor sinkhorn_attention_streaming_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             double lam, int64_t iters, double tau, double scale,
+                                             const c10::optional<at::Tensor>& key_mask,
+                                             const c10::optional<at::Tensor>& attn_bias) {
+  const AttentionInputs in = attention_inputs(q, k, v, key_mask, attn_bias, /*qk_in_input_dtype=*/true);
+  if (in.empty()) return in.out.to(q.scalar_type());
+  const int64_t H = in.H, S = in.S, nq = in.nq, nk = in.nk, d = in.q3.size(2), dv = in.dv;
+  const auto opts = q.options().dtype(in.acc);
+  const at::Tensor lm = log_marginals(in.mask, S, nq, nk, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q3.scalar_type(), "asag_streaming", [&] {
+    using In = scalar_t;
+    using T = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
+    at::Tensor rq = at::empty({S, nq}, opts), rk = at::empty({S, nk}, opts);
+    launch_norms<Device, T>(in.q3, rq);
+    launch_norms<Device, T>(in.k3, rk);
+    at::Tensor f = Device::empty({S, nq}, opts), g = at::zeros({S, nk}, opts);
+    const BiasView<T> bv = bias_view<T>(in.bias);
+    const bool* valid = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+    const In *qp = in.q3.data_ptr<In>(), *kp = in.k3.data_ptr<In>();
+    const T *vp = in.v3.data_ptr<T>(), *rqp = rq.data_ptr<T>(), *rkp = rk.data_ptr<T>();
+    T *fp = f.data_ptr<T>(), *gp = g.data_ptr<T>(), *op = in.out.data_ptr<T>();
+    for (int64_t s0 = 0; s0 < S; s0 += 65535) {
+      const unsigned c = static_cast<unsigned>(std::min<int64_t>(65535, S - s0));
+      const dim3 rows(static_cast<unsigned>(ceil_div(nq, kTileM)), c), cols(static_cast<unsigned>(ceil_div(nk, kTileM)), c);
+      for (int64_t it = 0;; ++it) {
+        const bool last = it == iters;
+        Device::launch(stream_rows_kernel<In, T>, rows, dim3(kStreamThreads), 0, qp, kp, vp, rqp, rkp, gp, fp, op,
+                       nq, nk, d, dv, s0, H, T(scale), T(lam), T(1.0 / tau), bv, valid, last);
+        if (last) break;
+        Device::launch(stream_columns_kernel<In, T>, cols, dim3(kStreamThreads), 0, qp, kp, rqp, rkp, fp, gp,
+                       nq, nk, d, s0, H, T(scale), T(lam), T(1.0 / tau), bv, valid, lm.data_ptr<T>());
+      }
     }
   });
   return in.out.to(q.scalar_type());

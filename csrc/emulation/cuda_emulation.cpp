@@ -107,6 +107,17 @@ at::Tensor sinkhorn_attention(const at::Tensor& q, const at::Tensor& k, const at
                                                        attn_bias);
 }
 
+at::Tensor sinkhorn_attention_streaming(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        double lam, int64_t iters, double tau, double scale,
+                                        const c10::optional<at::Tensor>& key_mask,
+                                        const c10::optional<at::Tensor>& attn_bias, int64_t shared_memory,
+                                        int64_t memory_budget, int64_t sm_count) {
+  check_attention_call(q, k, v, lam, iters, tau, scale, key_mask, attn_bias);
+  const LimitsScope scope(shared_memory, memory_budget, sm_count);
+  return cuda::sinkhorn_attention_streaming_impl<EmulatedDevice>(q, k, v, lam, iters, tau, scale, key_mask,
+                                                                 attn_bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(asag_emu, m) {
@@ -116,12 +127,16 @@ TORCH_LIBRARY(asag_emu, m) {
         "int sm_count) -> Tensor");
   m.def("sinkhorn_attention(Tensor q, Tensor k, Tensor v, float lam, int iters, float tau, float scale, "
         "Tensor? key_mask, Tensor? attn_bias, int shared_memory, int memory_budget, int sm_count) -> Tensor");
+  m.def("sinkhorn_attention_streaming(Tensor q, Tensor k, Tensor v, float lam, int iters, float tau, "
+        "float scale, Tensor? key_mask, Tensor? attn_bias, int shared_memory, int memory_budget, "
+        "int sm_count) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(asag_emu, CPU, m) {
   m.impl("adversarial_logits", &adversarial_logits);
   m.impl("sinkhorn", &sinkhorn);
   m.impl("sinkhorn_attention", &sinkhorn_attention);
+  m.impl("sinkhorn_attention_streaming", &sinkhorn_attention_streaming);
 }
 
 }  // namespace emulation

@@ -11,10 +11,14 @@
 // - A launch checks what a GPU would refuse: a block of more than 1024 threads or not a whole
 //   number of warps, a grid y or z above 65535, dynamic shared memory above the opt-in.
 //
+// - WMMA fragments (tensor cores) hold their whole 16 x 16 tile in every lane (below).
+//
 // What it cannot show: timing and occupancy, register pressure, memory coalescing, the
 // memory model beyond barrier-ordered accesses (threads here also see each other's writes
 // without a barrier sooner than a GPU would promise), independent thread scheduling within
-// a warp, and stale values in static __shared__ arrays (they are not re-poisoned per block).
+// a warp, stale values in static __shared__ arrays (they are not re-poisoned per block), a
+// kernel that would depend on how a real fragment spreads its elements over the lanes, and
+// the tensor cores' own order of summation.
 #pragma once
 
 #include <barrier>
@@ -24,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 struct dim3 {
@@ -133,6 +138,65 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes, A.
 }
 
 }  // namespace asag_emu
+
+// WMMA, the warp-level matrix operations of the tensor cores, with their documented semantics:
+// a fragment is a 16 x 16 tile, loaded from and stored to memory in the given layout, and
+// mma_sync computes D = A B + C with float32 accumulation. How a real fragment spreads its
+// elements over the 32 lanes is unspecified; here every lane holds the whole tile, so kernels
+// may only use fragments through these functions (as asag's do). Half-precision products are
+// exact in float32, as on the hardware; only the order of the float32 sums may differ.
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has 16 x 16 x 16 fragments");
+  float x[256];
+};
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& frag, const T* ptr, unsigned ldm) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      frag.x[r * 16 + c] = static_cast<float>(
+          std::is_same<Layout, row_major>::value ? ptr[r * ldm + c] : ptr[c * ldm + r]);
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& frag, float value) {
+  for (float& x : frag.x) x = value;
+}
+
+template <typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float result[256];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.x[m * 16 + n];
+      for (int k = 0; k < 16; ++k) acc += a.x[m * 16 + k] * b.x[k * 16 + n];
+      result[m * 16 + n] = acc;
+    }
+  for (int e = 0; e < 256; ++e) d.x[e] = result[e];
+}
+
+// Every lane holds the same tile: the first lane of the warp writes it.
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& frag, unsigned ldm,
+                              layout_t layout) {
+  if ((::asag_emu::thread_index.x & 31) != 0) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      ptr[layout == mem_row_major ? r * ldm + c : c * ldm + r] = frag.x[r * 16 + c];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
 
 // The CUDA spellings the kernels use.
 #define __global__
