@@ -4,17 +4,18 @@
 # each finish well inside 8 minutes under a timeout, and a report written to the folder given
 # as the first argument, never inside the checkout.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR [build|test|bench|all]     (default: all)
+#   bash benchmarks/gpu_check.sh OUT_DIR [build|test|bench|stream|all]     (default: all)
 #
 #   build  compile asag in place with every core, CUDA kernels required         (~3 min)
 #   test   the CUDA tests and the kernel tests (tests that need diffusers skip),
 #          compute-sanitizer memcheck and racecheck on small cases of every path  (~3 min)
 #   bench  benchmarks/bench_ops.py --device cuda at sizes that finish             (~3 min)
+#   stream the streaming path against the materialised one (bench_streaming.py)   (~3 min)
 #
 # Each step appends its section to OUT_DIR/<gpu>.md; "all" runs the three in order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [build|test|bench|all]}
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [build|test|bench|stream|all]}
 STEP=${2:-all}
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -70,11 +71,20 @@ bench() {
   endsection
 }
 
+stream() {
+  section "Streaming against materialised (bench_streaming.py --device cuda, B*H = 8, bf16)"
+  timeout 240 "$PY" benchmarks/bench_streaming.py --device cuda --n 4096 16384 --iters 10 --bh 8 --dtype bfloat16 \
+    --max-materialized-mb 16384 2>&1 | tail -n 12 | tee -a "$report"
+  cp benchmarks/results/streaming_cuda.* "$OUT/" 2>/dev/null
+  endsection
+}
+
 case "$STEP" in
   build) build ;;
   test) test_step ;;
   bench) bench ;;
-  all) build && test_step && bench ;;
-  *) echo "unknown step $STEP (build, test, bench or all)"; exit 2 ;;
+  stream) stream ;;
+  all) build && test_step && bench && stream ;;
+  *) echo "unknown step $STEP (build, test, bench, stream or all)"; exit 2 ;;
 esac
 echo "wrote $report"
