@@ -1,5 +1,6 @@
-"""Command line: ``asag demo`` (the main job), ``asag info`` (what was compiled) and
-``asag example`` (the op against its reference).
+"""Command line: ``asag demo`` (the main job: ASAG on the shipped digit models), ``asag info``
+(what was compiled), ``asag example`` (the op against its reference), and on your own
+diffusers pipeline: ``asag generate``, ``asag compare``, ``asag sweep``, ``asag evaluate``.
 
 Also runs as ``python -m asag ...``.
 """
@@ -62,8 +63,12 @@ def main(argv=None):
 
         demo(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="asag", description=__doc__)
+    parser = argparse.ArgumentParser(prog="asag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    from .cli.loading import CLIError
+    from .cli.parser import add_commands
+
+    add_commands(sub)
     sub.add_parser("demo", help="ASAG on the shipped digit models: image grid and metrics (see asag demo -h)")
     sub.add_parser("info", help="print asag.build_info()").set_defaults(func=_info)
     ex = sub.add_parser("example", help="run the Sinkhorn-attention op against the reference")
@@ -74,7 +79,12 @@ def main(argv=None):
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=_example)
     args = parser.parse_args(argv)
-    args.func(args)
+    if args.command == "generate" and not (args.model or args.reproduce):
+        parser.error("generate: give a model (or --reproduce PNG)")
+    try:
+        return args.func(args)
+    except CLIError as error:
+        parser.exit(2, f"asag {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,21 @@ fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
-# Compile against the torch installed above, not one from an isolated build environment.
-"$PY" -m pip install --no-build-isolation -e ".[test]"
+# Skip the build (2 to 6 minutes with CUDA) when this checkout's extension was built from the
+# same sources, build files, torch and CUDA toolkit: the stamp holds their hash.
+STAMP=asag/.build-stamp
+SOURCES=$( (find csrc -type f | sort | xargs sha256sum; sha256sum setup.py pyproject.toml;
+            "$PY" -c "import torch; print(torch.__version__)"; echo "CUDA_HOME=${CUDA_HOME:-}") | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SOURCES" ] && "$PY" - <<'PYCHECK' 2>/dev/null
+import os, sys
+import asag, asag._C  # noqa: F401  (the compiled kernels load)
+sys.exit(os.path.dirname(os.path.abspath(asag.__file__)) != os.path.abspath("asag"))
+PYCHECK
+then
+  echo "asag's extension is up to date with csrc/, setup.py and pyproject.toml: not rebuilt (delete $STAMP to force)"
+else
+  # Compile against the torch installed above, not one from an isolated build environment.
+  "$PY" -m pip install --no-build-isolation -e ".[test]"
+  echo "$SOURCES" > "$STAMP"
+fi
 "$PY" -m asag info

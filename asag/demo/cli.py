@@ -75,7 +75,7 @@ def main(argv=None):
     rows, panels = [("real", "held-out digits vs train", bench.real_baseline(args.samples))], []
     for kind, title in (("dit", "class-conditional DiT (timm attention)"), ("unet", "unconditional UNet2DModel (diffusers)")):
         panel = []
-        for method in evaluation.comparison_methods(conditional=kind == "dit"):
+        for method in evaluation.comparison_methods(kind):
             result = bench.run(kind, method, args.samples, args.seed, args.steps, progress=_tqdm(f"{kind}: {method.name}"))
             rows.append((kind, method.name, result))
             panel.append((method.name, result["images"]))

@@ -1,6 +1,8 @@
 """Running guidance methods on the shipped models and scoring their samples: shared by
 ``asag demo`` and ``benchmarks/quality/run.py``."""
 
+import json
+import os
 import time
 from typing import Dict, List, Optional
 
@@ -10,45 +12,29 @@ from ..guidance import ASAGConfig
 from . import data, metrics, models
 from .sampling import Method, sample
 
-# The demo's and benchmark's guidance settings, chosen by the sweeps of
-# benchmarks/quality/run.py (README: "The demo and the quality benchmark"). Every perturbation
-# acts on the same layers ("mid") with the same CFG scale, so the comparison is like for like.
-CFG_SCALE = 1.5
-ASAG = dict(scale=2.0, lam=4.0, iters=5, layers="mid")
-PAG_SCALE = 1.0
-SEG_SIGMA = 2.0
+TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
+# The settings the demo shows, from the quality benchmark's validation split (tuned.json is
+# written by benchmarks/quality/run.py): the DiT with CFG, the UNet unconditional.
+DEMO_REGIME = {"dit": ("DiT, CFG 3", 3.0), "unet": ("UNet, unconditional", 1.0)}
 
 
-def asag_method(name="ASAG", cfg_scale=1.0, **overrides) -> Method:
-    settings = {**ASAG, **overrides}
-    return Method(name, cfg_scale, ASAGConfig(**settings))
+def tuned_settings() -> Dict:
+    with open(TUNED_PATH) as f:
+        return json.load(f)
 
 
-def comparison_methods(conditional: bool, cfg_scale: float = CFG_SCALE) -> List[Method]:
-    """No guidance, CFG (conditional only), PAG, SEG-style blur and ASAG, each perturbation on
-    top of CFG for the conditional model."""
-    cfg = cfg_scale if conditional else 1.0
-    plus = "CFG + " if conditional else ""
-    methods = [Method("no guidance")]
-    if conditional:
-        methods.append(Method("CFG", cfg))
-    methods += [
-        Method(plus + "PAG", cfg, ASAGConfig(scale=PAG_SCALE, variant="identity", lam=0.0)),
-        Method(plus + "SEG (blur)", cfg, ASAGConfig(scale=PAG_SCALE, variant="blur", lam=SEG_SIGMA, lam_schedule="constant")),
-        asag_method(plus + "ASAG", cfg),
-    ]
+def comparison_methods(kind: str) -> List[Method]:
+    """The demo's methods on one model: no guidance, CFG (the DiT), then PAG, SEG-style blur
+    and ASAG, each with the settings chosen for it on the benchmark's validation split, and
+    ASAG with asag's defaults; the perturbations on top of CFG for the DiT."""
+    regime, cfg = DEMO_REGIME[kind]
+    tuned = tuned_settings()["demo"][regime]
+    plus = f"CFG {cfg:g} + " if cfg > 1 else ""
+    methods = [Method("no guidance")] + ([Method(f"CFG {cfg:g}", cfg)] if cfg > 1 else [])
+    for name in ("PAG", "SEG (blur)", "ASAG"):
+        methods.append(Method(plus + name + " (tuned)", cfg, ASAGConfig(**tuned[name])))
+    methods.append(Method(plus + "ASAG (defaults)", cfg, ASAGConfig()))
     return methods
-
-
-def ablation_methods(conditional: bool, cfg_scale: float = CFG_SCALE) -> List[Method]:
-    """The paper's ablations of ASAG (docs/method.md section 3)."""
-    cfg = cfg_scale if conditional else 1.0
-    plus = "CFG + " if conditional else ""
-    return [
-        asag_method(plus + "ASAG w/o Sinkhorn (noise)", cfg, variant="noise", iters=0, lam_schedule="constant"),
-        asag_method(plus + "ASAG w/o adversarial cost", cfg, lam=0.0, lam_end=0.0),
-        asag_method(plus + "ASAG w/o adaptive schedule", cfg, lam_schedule="constant"),
-    ]
 
 
 class Bench:
@@ -59,24 +45,28 @@ class Bench:
         self.unet, self.unet_meta = models.load("unet")
         self.classifier, self.classifier_meta = models.load("classifier")
         _, _, self.reference, self.reference_labels = data.load_digits_split(self.dit_meta["seed"])
+        (self.validation_reference, _), (self.test_reference, _) = data.held_out_splits(self.dit_meta["seed"])
 
     def model(self, kind: str):
         return self.dit if kind == "dit" else self.unet
 
-    def run(self, kind: str, method: Method, n: int, seed: int, steps: int, progress=None) -> Dict:
-        """Samples n images with `method` and scores them: metrics plus time and evaluations."""
+    def run(self, kind: str, method: Method, n: int, seed: int, steps: int, progress=None, reference=None) -> Dict:
+        """Samples n images with `method` and scores them against ``reference`` (default: all
+        held-out digits): metrics plus time, evaluations and the perturbation's size."""
         conditional = kind == "dit"
         labels = torch.arange(n) % 10 if conditional else None
         start = time.perf_counter()
+        sizes = {}
         images = sample(self.model(kind), method, n, seed, steps, labels=labels,
-                        null_label=self.dit.num_classes if conditional else None, progress=progress)
+                        null_label=self.dit.num_classes if conditional else None, progress=progress, stats=sizes)
         seconds = time.perf_counter() - start
-        scores = metrics.evaluate(self.classifier, images, self.reference, labels)
-        scores.update(seconds=seconds, evaluations=method.evaluations(conditional) * steps)
+        scores = metrics.evaluate(self.classifier, images, reference if reference is not None else self.reference, labels)
+        scores.update(seconds=seconds, evaluations=method.evaluations(conditional) * steps, **sizes)
         return {"images": images, **scores}
 
-    def real_baseline(self, n: Optional[int] = None) -> Dict:
-        """The metrics of real training digits against the held-out ones: the floor."""
+    def real_baseline(self, n: Optional[int] = None, reference=None) -> Dict:
+        """The metrics of real training digits against held-out ones (default: all): the floor."""
         x, y, _, _ = data.load_digits_split(self.dit_meta["seed"])
-        n = n or len(self.reference)
-        return metrics.evaluate(self.classifier, x[:n], self.reference, y[:n])
+        reference = self.reference if reference is None else reference
+        n = n or len(reference)
+        return metrics.evaluate(self.classifier, x[:n], reference, y[:n])

@@ -1,6 +1,6 @@
 """ASAG in a hand-written sampling loop (original DiT code, timm-based DiTs, any denoiser)."""
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -42,6 +42,7 @@ def guided_prediction(
     config: Optional[ASAGConfig] = None,
     output: Any = None,
     seed: int = 0,
+    on_branches: Optional[Callable[[Dict[str, Any]], None]] = None,
     **settings,
 ) -> torch.Tensor:
     """One guided denoiser prediction: ``eps_u + w_cfg (eps_c - eps_u) + w_asag (eps_c - eps_adv)``.
@@ -53,6 +54,9 @@ def guided_prediction(
     from ``config`` or keyword arguments of :class:`ASAGConfig` (``scale``, ``lam``, ``iters``,
     ``mode``...). ``output`` picks the prediction from the model's output: a callable, or None
     for a tensor / a tuple's first item / ``.sample``. ``seed`` seeds the "noise" variant.
+    ``on_branches``, when given, is called at every step where ASAG runs with a dict of the
+    branch predictions (``eps_cond``, ``eps_adv``, ``eps_uncond`` or None) and the ``scale``
+    in use: e.g. to measure how far the perturbed prediction is from the conditional one.
 
     Batched mode runs ``[u, c, c_adv]`` (or ``[c, c_adv]``) in one forward pass; sequential
     mode runs the branches as separate passes.
@@ -80,7 +84,10 @@ def guided_prediction(
     eps_c = preds[1 if use_cfg else 0]
     if not asag_on:
         return eps_c if eps_u is None else eps_u + cfg_scale * (eps_c - eps_u)
-    eps = combine(eps_c, preds[-1], config.scale_at(progress), eps_uncond=eps_u, cfg_scale=cfg_scale)
+    scale = config.scale_at(progress)
+    if on_branches is not None:
+        on_branches(dict(eps_cond=eps_c, eps_adv=preds[-1], eps_uncond=eps_u, scale=scale))
+    eps = combine(eps_c, preds[-1], scale, eps_uncond=eps_u, cfg_scale=cfg_scale)
     return rescale(eps, eps_c, config.rescale)
 
 
