@@ -122,6 +122,10 @@ def test_clear_errors(sd, digits, tmp_path, capsys, monkeypatch):
     _fails(["generate", sd, "--iters", "many"], capsys, "iters expects int")
     _fails(["generate", sd, "--arg", "flavour=1", *SMALL], capsys, "--arg flavour does not apply")
     _fails(["sweep", digits[0], "--vary", "scale=1", "--vary", "scale=2"], capsys, "names scale twice")
+    import diffusers
+
+    diffusers.StableDiffusionPAGPipeline.from_pretrained(sd).save_pretrained(str(tmp_path / "pag"))
+    _fails(["compare", str(tmp_path / "pag"), "--method", "asag"], capsys, "asag cannot guide StableDiffusionPAGPipeline")
 
 
 def test_prompt_files(tmp_path):
@@ -214,3 +218,28 @@ def test_clip_score_matches_torchmetrics_definition(tmp_path):
         out = model(**batch)
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
     assert clip_score(images, prompts, clip) == pytest.approx((100 * cos.clamp_min(0)).mean().item(), abs=1e-4)
+
+
+def test_videos_are_saved_as_animated_pngs_with_their_settings(tmp_path):
+    from types import SimpleNamespace
+
+    frames = np.random.default_rng(0).random((1, 5, 8, 12, 3)).astype(np.float32)  # (videos, frames, H, W, C)
+    (video,) = cli_images.pictures(SimpleNamespace(images=None, frames=frames))
+    assert len(video) == 5 and video[0].size == (12, 8)
+    cli_images.save(video, str(tmp_path / "v.png"), {"seed": 3})
+    with Image.open(tmp_path / "v.png") as image:
+        assert image.n_frames == 5
+    assert cli_images.read_metadata(str(tmp_path / "v.png")) == {"seed": 3}
+    with pytest.raises(Exception, match="images and videos only"):
+        cli_images.pictures(SimpleNamespace(audios=np.zeros((1, 100))))
+
+
+def test_inception_features_without_weights_say_where_they_were_looked_for(digits, tmp_path, monkeypatch):
+    from asag.cli.evaluate import feature_extractor
+    from asag.cli.loading import CLIError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    with pytest.raises(CLIError, match="torchmetrics|looked in .*torch_home"):
+        feature_extractor("inception")(images)

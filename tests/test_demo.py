@@ -63,3 +63,31 @@ def test_asag_demo_quick(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
     for name in ("no guidance", "CFG + ASAG", "CFG + PAG", "FID"):
         assert name in done.stdout
+
+
+def test_held_out_digits_split_into_disjoint_stratified_validation_and_test_halves():
+    from asag.demo import data
+
+    (x_val, y_val), (x_test, y_test) = data.held_out_splits(0)
+    _, _, x, y = data.load_digits_split(0)
+    assert len(x_val) + len(x_test) == len(x) and abs(len(x_val) - len(x_test)) <= 1
+    assert ((y_val.bincount(minlength=10) - y_test.bincount(minlength=10)).abs() <= 1).all()
+    rows = lambda a: sorted(map(tuple, a.flatten(1).tolist()))  # noqa: E731
+    assert rows(torch.cat([x_val, x_test])) == rows(x)  # the halves partition the held-out digits
+
+
+def test_quality_benchmark_gives_every_method_the_same_budget_of_valid_candidates():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality"))
+    import spaces
+
+    for family in spaces.FAMILIES:
+        candidates = family.candidates(10)
+        assert len(candidates) == 10 and candidates == family.candidates(10)  # deterministic
+        assert len({c["layers"] for c in candidates}) == 4  # Latin hypercube: every layer choice drawn
+        for kind in ("dit", "unet"):
+            for settings in candidates:
+                config = family.config(kind, settings)
+                assert 0.25 <= config.scale <= 8
+                for name, value in family.fixed.items():
+                    assert getattr(config, name) == value
+    assert len(spaces.cfg_candidates(10)) == 10

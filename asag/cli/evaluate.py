@@ -147,9 +147,7 @@ def feature_extractor(name: str):
 
         return digits
     if name == "inception":
-        from ..demo.metrics import inception_features
-
-        return inception_features
+        return _inception
     module, sep, attr = name.partition(":")
     if not sep:
         raise CLIError(f"--features {name!r}: use inception, digits or module:function")
@@ -159,6 +157,23 @@ def feature_extractor(name: str):
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as error:
         raise CLIError(f"--features {name!r}: cannot import it ({error})") from None
+
+
+def _inception(images: torch.Tensor) -> torch.Tensor:
+    """Inception-v3 features through torchmetrics, from weights already on disk."""
+    from ..demo.metrics import inception_features
+
+    try:
+        return inception_features(images)
+    except ImportError as error:
+        raise CLIError(f"--features inception: {error}") from None
+    except (OSError, RuntimeError, ValueError) as error:  # no network: the weights' download fails
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise CLIError(
+            f"--features inception: the Inception weights torchmetrics uses are not on disk (looked in {folder}; "
+            f"TORCH_HOME moves it): copy them there from a machine with a network, or name other features "
+            f"(--features module:function). ({type(error).__name__}: {error})"
+        ) from None
 
 
 def clip_score(images: torch.Tensor, prompts: List[str], model_path: str) -> float:

@@ -52,7 +52,10 @@ class Runner:
         if method.kind == "pag":
             self._pag_pipe(method)
         if method.kind == "asag":
-            self.config(method)
+            try:  # asag refuses some pipelines (e.g. diffusers' own PAG ones): say so before any image
+                enable(self.pipe, **vars(self.config(method))).disable()
+            except (TypeError, ValueError) as error:
+                raise CLIError(f"asag cannot guide {type(self.pipe).__name__}: {error}") from None
 
     def config(self, method: MethodSpec) -> ASAGConfig:
         return validated(dict(self.base, **method.settings))
