@@ -59,7 +59,7 @@ def test_generate_writes_settings_into_each_png_and_reproduces_it(sd, tmp_path):
     meta = cli_images.read_metadata(paths[1])
     assert meta["seed"] == 5 and meta["call"]["prompt"] == "a red cat" and meta["call"]["num_inference_steps"] == 3
     assert meta["method"] == "asag" and meta["asag"]["lam"] == 3.0 and meta["asag"]["layers"] == "all"
-    assert meta["asag"]["scale"] == 2.5 and meta["asag"]["lam_end"] == 0.75 and meta["pipeline"] == "StableDiffusionPipeline"
+    assert meta["asag"]["scale"] == 2.5 and meta["asag"]["lam_end"] == 1.5 and meta["pipeline"] == "StableDiffusionPipeline"
     assert not np.array_equal(_pixels(paths[0]), _pixels(paths[1]))  # seeds differ
     again = main(["generate", "--reproduce", paths[1], "--out", str(tmp_path / "again")])
     assert np.array_equal(_pixels(again[0]), _pixels(paths[1]))
@@ -74,7 +74,7 @@ def test_compare_writes_one_labelled_grid_of_methods_by_images(sd, tmp_path):
     assert (width, height) == result["size"]
     line = 16 + 4
     assert height == (line + 8) + (2 * line + 8) + 5 * (cell + gap)  # title, column labels, 5 rows
-    assert 0 < width - 3 * (cell + gap) <= 2 * cell  # the row labels' column, then 3 images
+    assert 0 < width - 3 * (cell + gap) <= 240  # the row labels' column, then 3 images
     assert set(result["times"]) == {"none", "cfg", "pag:scale=2", "asag", "asag:scale=4,lam=1"}
     table = (tmp_path / "compare.md").read_text()
     assert "| pag:scale=2 | 3 |" in table and "compare.png" in table
@@ -82,6 +82,20 @@ def test_compare_writes_one_labelled_grid_of_methods_by_images(sd, tmp_path):
     none, cfg = (_pixels(tmp_path / m / "000-seed0.png") for m in ("none", "cfg"))
     assert not np.array_equal(none, cfg)
     assert cli_images.read_metadata(str(tmp_path / "pag_scale=2" / "000-seed1.png"))["pag"]["scale"] == 2.0
+
+
+def test_long_row_labels_wrap_inside_their_column_and_rows_grow_to_fit():
+    from PIL import Image, ImageDraw
+
+    label = "asag:scale=0.54,layers=all,lam=11.952,lam_end=2.988,iters=10,variant=sinkhorn"
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), cli_images._font(16)
+    lines = cli_images._wrap(draw, label, font, 228, lines=6)
+    assert len(lines) > 1 and "".join(lines) == label  # broken after commas, nothing lost
+    assert all(draw.textlength(line, font=font) <= 228 for line in lines)
+    assert all(draw.textlength(line, font=font) <= 100 for line in cli_images._wrap(draw, "x" * 30, font, 100, lines=6))
+    picture = cli_images.grid([[Image.new("RGB", (8, 8))] * 2] * 2, ["none", label], ["seed 0", "seed 1"], cell=32)
+    line = 16 + 4
+    assert picture.size == (240 + 2 * (32 + cli_images.GAP), (2 * line + 8) + (32 + cli_images.GAP) + (len(lines) * line + 8 + cli_images.GAP))
 
 
 def test_compare_defaults_leave_out_what_the_pipeline_lacks(digits, tmp_path):
@@ -96,7 +110,7 @@ def test_sweep_is_a_grid_over_two_settings(digits, tmp_path):
     width, height = result["size"]
     line = 20
     assert height == (line + 8) + (2 * line + 8) + 2 * (cell + cli_images.GAP)
-    assert 0 < width - 3 * (cell + cli_images.GAP) <= 2 * cell
+    assert 0 < width - 3 * (cell + cli_images.GAP) <= 240
     assert len([f for f in os.listdir(tmp_path) if f.startswith("asag")]) == 6
     meta = cli_images.read_metadata(str(tmp_path / "asag_scale=3_lam=8.png"))
     assert meta["asag"]["scale"] == 3.0 and meta["asag"]["lam"] == 8.0 and meta["asag"]["layers"] == "all"

@@ -61,7 +61,7 @@ def test_asag_demo_quick(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.exists() and out.stat().st_size > 1000
-    for name in ("no guidance", "CFG + ASAG", "CFG + PAG", "FID"):
+    for name in ("no guidance", "CFG 1.5 + ASAG (tuned)", "CFG 1.5 + PAG (tuned)", "ASAG (defaults)", "FID"):
         assert name in done.stdout
 
 
@@ -91,3 +91,30 @@ def test_quality_benchmark_gives_every_method_the_same_budget_of_valid_candidate
                 for name, value in family.fixed.items():
                     assert getattr(config, name) == value
     assert len(spaces.cfg_candidates(10)) == 10
+
+
+@pytest.mark.parametrize("scale", [None, 1.5])
+def test_enable_on_the_exported_pipeline_equals_guided_prediction_in_a_hand_written_loop(tmp_path, scale, monkeypatch):
+    """The pipeline path (asag.enable, roles read from the pipeline, automatic scale without
+    CFG) and the sampler-level path (asag.guided_prediction) give the same samples."""
+    import diffusers
+    import diffusers.pipelines.ddim.pipeline_ddim as ddim
+
+    import asag
+    from asag.demo.export import export_pipeline
+
+    pipe = diffusers.DDIMPipeline.from_pretrained(export_pipeline(str(tmp_path)))
+    unet, scheduler = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size
+    noise = torch.randn(2, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    scheduler.set_timesteps(4)
+    x, steps = noise.clone(), scheduler.timesteps
+    with torch.no_grad():
+        for i, t in enumerate(steps):
+            eps = asag.guided_prediction(unet, x, t, progress=i / (len(steps) - 1), scale=scale)
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    asag.remove(unet)
+    monkeypatch.setattr(ddim, "randn_tensor", lambda *a, **k: noise.clone())
+    with asag.enable(pipe, scale=scale):
+        images = pipe(num_inference_steps=4, output_type="np", eta=0.0).images
+    assert torch.equal(torch.from_numpy(images).permute(0, 3, 1, 2), (x / 2 + 0.5).clamp(0, 1))

@@ -8,10 +8,13 @@ import torch
 import asag
 import tiny_models
 import tiny_pipelines
+from asag.guidance.config import AUTO_SCALE
 from asag.guidance import ASAGConfig, Schedule, combine, guided_prediction, rescale
 from asag.patching.handle import thread_state
 
-PIPELINES = list(tiny_pipelines.PIPELINES)
+# The pipelines tiny_pipelines itself defines: other test modules register more (some of which asag
+# refuses) into the same dict, and which of them are imported first depends on collection order.
+PIPELINES = [name for name, build in tiny_pipelines.PIPELINES.items() if build.__module__ == "tiny_pipelines"]
 
 
 def test_formula_against_hand_computation():
@@ -47,9 +50,34 @@ def test_config_values_and_interval():
     cfg = ASAGConfig(scale=3, lam=2, lam_end=0.5, lam_schedule="linear", start=0.2, stop=0.8)
     assert cfg.lam_at(0) == 2 and cfg.lam_at(1) == 0.5 and cfg.lam_at(0.5) == pytest.approx(1.25)
     assert [cfg.active_at(p) for p in (0.0, 0.2, 0.5, 0.8, 0.9)] == [False, True, True, True, False]
-    assert ASAGConfig().lam_end == pytest.approx(1.0)  # default: lam / 4, cosine
+    assert ASAGConfig().lam_end == pytest.approx(ASAGConfig().lam / 2)  # default: lam / 2, cosine
+    assert ASAGConfig(lam=4).lam_at(1) == pytest.approx(2)  # lam is the first step's value
     assert not ASAGConfig(scale=0).active_at(0.5)
     assert ASAGConfig(scale=2, scale_end=0, scale_schedule="linear").scale_at(0.5) == 1
+
+
+def test_automatic_scale_depends_on_whether_cfg_runs():
+    auto = ASAGConfig()
+    assert auto.scale is None and auto.active_at(0.5)
+    assert auto.scale_at(0.3, cfg=True) == AUTO_SCALE[True] and auto.scale_at(0.3, cfg=False) == AUTO_SCALE[False]
+    assert ASAGConfig(scale_end=0, scale_schedule="linear").scale_at(0.5, cfg=False) == AUTO_SCALE[False] / 2
+    with pytest.raises(ValueError, match="pass cfg"):
+        auto.scale_at(0.3)
+    assert ASAGConfig(scale=1.5).scale_at(0.3, cfg=True) == 1.5  # a scale given is used as it is
+    assert "auto (0.5 with CFG, 3 without)" in auto.describe_scale()
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_guided_prediction_uses_the_automatic_scale_for_its_cfg(cfg_scale):
+    model = tiny_models.timm_dit_model().eval()
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.3])
+    kw = dict(cond={"y": torch.tensor([3, 4])}, uncond={"y": torch.tensor([10, 10])}, cfg_scale=cfg_scale, progress=0.3)
+    with torch.no_grad():
+        auto = guided_prediction(model, x, t, **kw)
+        explicit = guided_prediction(model, x, t, scale=AUTO_SCALE[cfg_scale > 1], **kw)
+        other = guided_prediction(model, x, t, scale=AUTO_SCALE[cfg_scale <= 1], **kw)
+    assert torch.equal(auto, explicit) and not torch.equal(auto, other)
+    asag.remove(model)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +129,21 @@ def test_pipeline_end_to_end(name):
     torch.testing.assert_close(sequential, guided, atol=1e-4, rtol=1e-4)  # batched == sequential
     assert _same_state(_denoiser_state(pipe), before)  # the denoiser is exactly as it was
     assert torch.equal(tiny_pipelines.run(pipe, kwargs), base)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_pipeline_default_scale_follows_the_pipelines_cfg(guidance_scale):
+    pipe, kwargs = tiny_pipelines.build("sd")
+    kwargs = dict(kwargs, guidance_scale=guidance_scale)
+    if guidance_scale == 1.0:  # without CFG the pipeline wants no negative embeddings
+        kwargs.pop("negative_prompt_embeds", None)
+    results = []
+    for scale in (None, AUTO_SCALE[True], AUTO_SCALE[False]):
+        with asag.enable(pipe, scale=scale):
+            results.append(tiny_pipelines.run(pipe, kwargs))
+    auto, with_cfg, without_cfg = results
+    assert torch.equal(auto, with_cfg if guidance_scale > 1 else without_cfg)
+    assert not torch.equal(with_cfg, without_cfg)
 
 
 @pytest.mark.parametrize("name", ["sd", "flux"])
@@ -183,8 +226,8 @@ def test_guided_prediction_in_a_custom_loop():
     t = torch.tensor([0.3, 0.3])
     cond, uncond = dict(y=torch.tensor([3, 4])), dict(y=torch.tensor([10, 10]))
     with torch.no_grad():
-        eps = guided_prediction(model, x, t, cond=cond, uncond=uncond, cfg_scale=4.0, scale=2.0, lam=3.0, lam_end=3.0)
-        seq = guided_prediction(model, x, t, cond=cond, uncond=uncond, cfg_scale=4.0, scale=2.0, lam=3.0, lam_end=3.0, mode="sequential")
+        eps = guided_prediction(model, x, t, cond=cond, uncond=uncond, cfg_scale=4.0, scale=2.0, lam=3.0, lam_end=3.0, iters=5)
+        seq = guided_prediction(model, x, t, cond=cond, uncond=uncond, cfg_scale=4.0, scale=2.0, lam=3.0, lam_end=3.0, iters=5, mode="sequential")
         torch.testing.assert_close(seq, eps, atol=1e-4, rtol=1e-4)
         handle = asag.apply(model)
         e_u, e_c = model(x, t, **uncond), model(x, t, **cond)
@@ -193,7 +236,7 @@ def test_guided_prediction_in_a_custom_loop():
         torch.testing.assert_close(eps, e_u + 4.0 * (e_c - e_u) + 2.0 * (e_c - e_adv), atol=1e-4, rtol=1e-4)
         off = guided_prediction(model, x, t, cond=cond, uncond=uncond, cfg_scale=4.0, scale=2.0, start=0.5, progress=0.1)
         torch.testing.assert_close(off, e_u + 4.0 * (e_c - e_u), atol=1e-4, rtol=1e-4)
-        uncond_only = guided_prediction(model, x, t, cond=cond, scale=2.0, lam=3.0, lam_end=3.0)
+        uncond_only = guided_prediction(model, x, t, cond=cond, scale=2.0, lam=3.0, lam_end=3.0, iters=5)
         torch.testing.assert_close(uncond_only, e_c + 2.0 * (e_c - e_adv), atol=1e-4, rtol=1e-4)
     handle.remove()
 

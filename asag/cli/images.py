@@ -2,6 +2,7 @@
 labelled grids that ``compare``, ``sweep`` and ``evaluate`` write."""
 
 import json
+import re
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -76,17 +77,33 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _pieces(draw, text: str, font, width: int) -> List[str]:
+    """``text`` in pieces a line may break between: after spaces, commas and colons (method
+    specifications such as ``asag:scale=3,lam=2`` have no spaces), and inside a piece that is
+    wider than a line by itself."""
+    pieces = []
+    for piece in re.findall(r"[^\s,:]*[,:]|[^\s,:]+\s*|\s+", text):
+        while len(piece) > 1 and draw.textlength(piece, font=font) > width:
+            cut = len(piece) - 1
+            while cut > 1 and draw.textlength(piece[:cut], font=font) > width:
+                cut -= 1
+            pieces.append(piece[:cut])
+            piece = piece[cut:]
+        pieces.append(piece)
+    return pieces
+
+
 def _wrap(draw, text: str, font, width: int, lines: int = 2) -> List[str]:
     """``text`` cut into at most ``lines`` lines that fit ``width`` pixels (the last one elided)."""
     out, current = [], ""
-    for word in text.split():
-        trial = f"{current} {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not current:
+    for piece in _pieces(draw, text, font, width):
+        trial = current + piece
+        if draw.textlength(trial.rstrip(), font=font) <= width or not current.strip():
             current = trial
         else:
-            out.append(current)
-            current = word
-    out.append(current)
+            out.append(current.rstrip())
+            current = piece.lstrip()
+    out.append(current.rstrip())
     if len(out) > lines:
         out = out[:lines]
         out[-1] = out[-1] + "…"
@@ -103,11 +120,16 @@ def grid(cells: Sequence[Sequence], row_labels: Sequence[str], column_labels: Se
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = font_size + 4
     gap = GAP
-    label_w = min(max([probe.textlength(label, font=font) for label in row_labels] + [0]) + 16, 2 * cell)
+    # Row labels get at least 240 pixels (more with big cells) and as many lines as they need,
+    # up to 6: a row is taller than its images rather than its label unreadable.
+    widest = max([probe.textlength(label, font=font) for label in row_labels] + [0])
+    label_w = int(min(widest + 16, max(2 * cell, 240)))
+    wrapped = [_wrap(probe, label, font, label_w - 12, lines=6) for label in row_labels]
+    row_h = [max(cell, len(lines) * line_h + 8) for lines in wrapped]
     header_h = 2 * line_h + 8
     title_h = line_h + 8 if title else 0
     width = int(label_w + len(column_labels) * (cell + gap))
-    height = int(title_h + header_h + len(row_labels) * (cell + gap))
+    height = int(title_h + header_h + sum(h + gap for h in row_h))
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
@@ -115,9 +137,9 @@ def grid(cells: Sequence[Sequence], row_labels: Sequence[str], column_labels: Se
     for c, label in enumerate(column_labels):
         for i, line in enumerate(_wrap(draw, label, font, cell - 4)):
             draw.text((label_w + c * (cell + gap) + 2, title_h + 4 + i * line_h), line, fill="black", font=font)
-    for r, label in enumerate(row_labels):
-        top = title_h + header_h + r * (cell + gap)
-        for i, line in enumerate(_wrap(draw, label, font, int(label_w) - 12, lines=4)):
+    for r, lines in enumerate(wrapped):
+        top = title_h + header_h + sum(h + gap for h in row_h[:r])
+        for i, line in enumerate(lines):
             draw.text((6, top + 4 + i * line_h), line, fill="black", font=font)
         for c, picture in enumerate(cells[r]):
             if picture is None:

@@ -13,11 +13,11 @@ from .loading import DTYPES, CLIError
 
 # ASAGConfig fields as flags: the type to parse and the help line (defaults from the dataclass).
 FIELD_HELP = {
-    "scale": "ASAG guidance scale (0 turns it off)",
-    "lam": "adversarial strength at the first step",
+    "scale": "ASAG guidance scale (0 turns it off; default: automatic, 0.5 where CFG runs, 3 where it does not)",
+    "lam": "adversarial strength at the first step (it falls to lam_end along lam_schedule)",
     "iters": "Sinkhorn iterations",
     "tau": "temperature",
-    "lam_end": "lam at the last step (default lam / 4)",
+    "lam_end": "lam at the last step (default lam / 2)",
     "lam_schedule": "lam's path from lam to lam_end: constant, linear, cosine",
     "scale_end": "scale at the last step (default: scale)",
     "scale_schedule": "scale's path to scale_end: constant, linear, cosine",

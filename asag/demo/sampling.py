@@ -38,7 +38,7 @@ class Method:
     perturb: Optional[ASAGConfig] = None
 
     def evaluations(self, conditional: bool) -> int:
-        return 1 + int(conditional and self.cfg_scale > 1) + int(self.perturb is not None and self.perturb.scale > 0)
+        return 1 + int(conditional and self.cfg_scale > 1) + int(self.perturb is not None and self.perturb.scale != 0)
 
 
 OFF = ASAGConfig(scale=0.0)

@@ -28,8 +28,10 @@ class AdversarialSinkhornGuidance(BaseGuidance):
 
     Args:
         guidance_scale: CFG scale (<= 1 turns CFG off, as in diffusers).
-        asag_scale, asag_scale_end, asag_scale_schedule: the ASAG scale and its schedule.
-        lam, lam_end, lam_schedule, iters, tau: the Sinkhorn attention (see ASAGConfig).
+        asag_scale, asag_scale_end, asag_scale_schedule: the ASAG scale and its schedule
+            (``asag_scale=None``: ASAGConfig's automatic scale, by whether CFG runs).
+        lam, lam_end, lam_schedule, iters, tau: the Sinkhorn attention (see ASAGConfig; lam is
+            the first step's value, falling to lam_end along lam_schedule).
         layers: which self-attention layers (see asag.patching.selection).
         guidance_rescale: rescale factor in [0, 1] applied after the combination.
         start, stop: the fraction of sampling during which guidance runs.
@@ -41,10 +43,10 @@ class AdversarialSinkhornGuidance(BaseGuidance):
     def __init__(
         self,
         guidance_scale: float = 7.5,
-        asag_scale: float = 2.0,
-        lam: float = 4.0,
-        iters: int = 5,
-        tau: float = 1.0,
+        asag_scale: Optional[float] = ASAGConfig.scale,
+        lam: float = ASAGConfig.lam,
+        iters: int = ASAGConfig.iters,
+        tau: float = ASAGConfig.tau,
         lam_end: Optional[float] = None,
         lam_schedule: str = "cosine",
         asag_scale_end: Optional[float] = None,
@@ -144,7 +146,7 @@ class AdversarialSinkhornGuidance(BaseGuidance):
     ) -> GuiderOutput:
         pred = pred_cond
         if pred_cond_adv is not None:
-            scale = self.asag.scale_at(self._progress())
+            scale = self.asag.scale_at(self._progress(), cfg=pred_uncond is not None)
             pred = combine(pred_cond, pred_cond_adv, scale, eps_uncond=pred_uncond, cfg_scale=self.guidance_scale)
         elif pred_uncond is not None:
             pred = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)

@@ -423,7 +423,7 @@ class PipelineGuidance:
         step.w = roles.cfg_scale(frames, self.pipe, t) if step.cfg else 1.0
         handle = dispatcher.handle
         dispatcher.nested(handle.ensure_probed, *args, **kwargs)
-        call = _Call("branch", sample.shape[0], cond, uncond, step, samples=rows, coef=self.config.scale_at(progress) / step.w)
+        call = _Call("branch", sample.shape[0], cond, uncond, step, samples=rows, coef=self.config.scale_at(progress, step.cfg) / step.w)
         if self.config.mode == "sequential":
             call.perturbation = self.config.perturbation(progress)
             call.args, call.kwargs = args, kwargs
@@ -521,7 +521,7 @@ class PipelineGuidance:
         state = "enabled" if self.enabled else "disabled"
         lines = [
             f"PipelineGuidance({type(self.pipe).__name__}, {state}, mode={c.mode!r})",
-            f"  scale {c.scale} -> {c.scale_end} ({c.scale_schedule}), lam {c.lam} -> {c.lam_end} ({c.lam_schedule}), "
+            f"  scale {c.describe_scale()}, lam {c.lam} -> {c.lam_end} ({c.lam_schedule}), "
             f"iters {c.iters}, tau {c.tau}, interval [{c.start}, {c.stop}], rescale {c.rescale}, variant {c.variant!r}",
         ]
         for dispatcher in self._dispatchers:

@@ -84,7 +84,7 @@ def guided_prediction(
     eps_c = preds[1 if use_cfg else 0]
     if not asag_on:
         return eps_c if eps_u is None else eps_u + cfg_scale * (eps_c - eps_u)
-    scale = config.scale_at(progress)
+    scale = config.scale_at(progress, use_cfg)
     if on_branches is not None:
         on_branches(dict(eps_cond=eps_c, eps_adv=preds[-1], eps_uncond=eps_u, scale=scale))
     eps = combine(eps_c, preds[-1], scale, eps_uncond=eps_u, cfg_scale=cfg_scale)

@@ -1,7 +1,7 @@
 """The quality benchmark: every guidance method tuned the same way on a validation split, then
 judged once on a held-out test split.
 
-    python benchmarks/quality/run.py            # the tables and plots in README.md (about 90 minutes on 2 cores)
+    python benchmarks/quality/run.py            # the tables and plots in README.md (about 70 minutes on 2 cores)
     python benchmarks/quality/run.py --quick    # a smoke test of the whole protocol (about a minute)
 
 Protocol (benchmarks/quality/README.md says more):
@@ -205,13 +205,14 @@ def _cell(values, digits=2):
     return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown(tests, chosen, defaults, line, real, args, seconds):
+def markdown(runs, tests, chosen, defaults, line, real, args, seconds):
     lines = [
         f"Made by `python benchmarks/quality/run.py` ({'--quick, ' if args.quick else ''}budget {args.budget} "
         f"candidates per method and regime, validation seed {args.val_seed} with {args.val_samples} samples, test "
         f"seeds {args.seeds} with {args.test_samples} samples, {args.steps} DDIM steps) on "
         f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), torch "
-        f"{torch.__version__}, in {seconds / 60:.0f} minutes.",
+        f"{torch.__version__}. Sampling took {sum(r.get('seconds', 0) for r in runs.cache.values()) / 60:.0f} "
+        f"minutes summed over the {len(runs.cache)} cached runs (this invocation: {seconds / 60:.0f} minutes).",
         "",
         f"Real training digits against the test half (the floor): FID {real['fid']:.2f}, precision "
         f"{real['precision']:.3f}, recall {real['recall']:.3f}.",
@@ -333,7 +334,7 @@ def main():
         with open(evaluation.TUNED_PATH, "w") as f:
             json.dump(dict(defaults=defaults, demo=demo), f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(tests, chosen, defaults, line, real, args, time.time() - start))
+        f.write(markdown(runs, tests, chosen, defaults, line, real, args, time.time() - start))
     print(f"wrote {args.out}/results.md")
     plot(runs.rows, os.path.join(args.out, "fid_vs_scale.png"))
 
