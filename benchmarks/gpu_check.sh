@@ -12,7 +12,7 @@
 #   bench  benchmarks/bench_ops.py --device cuda at sizes that finish             (~3 min)
 #   stream the streaming path against the materialised one (bench_streaming.py)   (~3 min)
 #
-# Each step appends its section to OUT_DIR/<gpu>.md; "all" runs the three in order.
+# Each step appends its section to OUT_DIR/<gpu>.md; "all" runs the four in order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [build|test|bench|stream|all]}
