@@ -154,12 +154,18 @@ def test_prompt_files(tmp_path):
     assert [(e["prompt"], e["label"]) for e in read_prompts(str(tmp_path / "p.csv"))] == [("a cat", 1), (None, 2)]
 
 
-def _evaluate(args, out, processes=1):
+LAUNCHERS = {  # how a user starts several processes
+    "torchrun": lambda n: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29533"],
+    "accelerate": lambda n: [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--cpu",
+                             "--main_process_port", "29534"],
+}
+
+
+def _evaluate(args, out, processes=1, launcher="torchrun"):
     command = [sys.executable, "-m", "asag", "evaluate", *args, "--out", str(out), "--progress", "none"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", "29533", "-m", "asag", "evaluate", *args, "--out", str(out), "--progress", "none"]
+        command = LAUNCHERS[launcher](processes) + ["-m", "asag", "evaluate", *args, "--out", str(out), "--progress", "none"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -197,6 +203,19 @@ def test_evaluate_two_processes_match_one_and_resume_skips_finished_samples(digi
     done = subprocess.run([sys.executable, "-m", "asag", "evaluate", pipeline, "--samples", "6", "--steps", "5",
                            "--out", str(one)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert done.returncode == 2 and "other settings" in done.stderr
+
+
+def test_evaluate_under_accelerate_launch_matches_one_process(digits, tmp_path):
+    pytest.importorskip("accelerate")
+    pipeline, reference = digits
+    args = [pipeline, "--samples", "5", "--steps", "3", "--method", "asag", "--reference", reference, "--features", "digits"]
+    _evaluate(args, tmp_path / "one")
+    _evaluate(args, tmp_path / "two", processes=2, launcher="accelerate")
+    files = sorted(os.listdir(tmp_path / "one" / "asag"))
+    assert files == sorted(os.listdir(tmp_path / "two" / "asag")) and len(files) == 5
+    for name in files:
+        assert np.array_equal(_pixels(tmp_path / "one" / "asag" / name), _pixels(tmp_path / "two" / "asag" / name)), name
+    assert _rows(tmp_path / "one") == _rows(tmp_path / "two")
 
 
 def test_evaluate_prompts_with_clip_score_and_class_labels(sd, tmp_path):
