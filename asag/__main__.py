@@ -54,7 +54,15 @@ def _example(args):
     print(f"lam=0, iters=0 vs SDPA: max diff {(same - sdpa).abs().max().item():.2e}")
 
 
-def main(argv=None):
+def main(argv=None) -> None:
+    """The ``asag`` command. Returns None, so that the console script (``sys.exit(main())``)
+    exits with status 0 on success; errors exit with status 2."""
+    run(argv)
+
+
+def run(argv=None):
+    """Runs one ``asag`` command and returns what it made (paths, sizes, timings): for tests
+    and for callers in Python."""
     import sys
 
     argv = sys.argv[1:] if argv is None else argv

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 import cli_pipelines  # noqa: E402
-from asag.__main__ import main  # noqa: E402
+from asag.__main__ import run as main  # noqa: E402
 from asag.cli import images as cli_images  # noqa: E402
 
 SMALL = ["--steps", "3", "--height", "16", "--width", "16"]
@@ -276,3 +276,16 @@ def test_inception_features_without_weights_say_where_they_were_looked_for(digit
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     with pytest.raises(CLIError, match="torchmetrics|looked in .*torch_home"):
         feature_extractor("inception")(images)
+
+
+def test_console_script_exits_zero_on_success_and_two_on_errors(digits, tmp_path):
+    # The installed `asag` script is `sys.exit(asag.__main__.main())`: a command's result must
+    # not become its exit status.
+    script = "import sys; from asag.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    ok = subprocess.run([sys.executable, "-c", script, "sweep", digits[0], "--vary", "scale=1,2", "--steps", "2",
+                         "--cell", "16", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "{" not in ok.stderr, ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", script, "sweep", str(tmp_path / "missing"), "--vary", "scale=1"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "error" in bad.stderr
