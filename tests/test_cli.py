@@ -60,6 +60,7 @@ def test_generate_writes_settings_into_each_png_and_reproduces_it(sd, tmp_path):
     assert meta["seed"] == 5 and meta["call"]["prompt"] == "a red cat" and meta["call"]["num_inference_steps"] == 3
     assert meta["method"] == "asag" and meta["asag"]["lam"] == 3.0 and meta["asag"]["layers"] == "all"
     assert meta["asag"]["scale"] == 2.5 and meta["asag"]["lam_end"] == 1.5 and meta["pipeline"] == "StableDiffusionPipeline"
+    assert meta["asag_scales_used"] == [2.5, 2.5]  # first and last guided step
     assert not np.array_equal(_pixels(paths[0]), _pixels(paths[1]))  # seeds differ
     again = main(["generate", "--reproduce", paths[1], "--out", str(tmp_path / "again")])
     assert np.array_equal(_pixels(again[0]), _pixels(paths[1]))
@@ -101,6 +102,8 @@ def test_long_row_labels_wrap_inside_their_column_and_rows_grow_to_fit():
 def test_compare_defaults_leave_out_what_the_pipeline_lacks(digits, tmp_path):
     result = main(["compare", digits[0], "--seeds", "0", "1", "--steps", "4", "--cell", "32", "--out", str(tmp_path)])
     assert list(result["times"]) == ["none", "asag"]  # unconditional: no CFG, no PAG in diffusers
+    meta = cli_images.read_metadata(str(tmp_path / "asag" / "000-seed1.png"))
+    assert meta["asag"]["scale"] is None and meta["asag_scales_used"] == [3.0, 3.0]  # automatic, no CFG
 
 
 def test_sweep_is_a_grid_over_two_settings(digits, tmp_path):

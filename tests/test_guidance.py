@@ -139,8 +139,9 @@ def test_pipeline_default_scale_follows_the_pipelines_cfg(guidance_scale):
         kwargs.pop("negative_prompt_embeds", None)
     results = []
     for scale in (None, AUTO_SCALE[True], AUTO_SCALE[False]):
-        with asag.enable(pipe, scale=scale):
+        with asag.enable(pipe, scale=scale) as guidance:
             results.append(tiny_pipelines.run(pipe, kwargs))
+        assert set(guidance.scales) == {AUTO_SCALE[guidance_scale > 1] if scale is None else scale}
     auto, with_cfg, without_cfg = results
     assert torch.equal(auto, with_cfg if guidance_scale > 1 else without_cfg)
     assert not torch.equal(with_cfg, without_cfg)

@@ -42,6 +42,7 @@ class Runner:
     def __init__(self, pipe, base: Dict):
         self.pipe, self.base = pipe, dict(base)
         self._pag = {}
+        self.scales_used = []  # the last asag call's scale per guided step
 
     def check(self, method: MethodSpec) -> None:
         """CLIError when ``method`` cannot run on this pipeline (before any image is made)."""
@@ -73,7 +74,11 @@ class Runner:
         if method.kind == "asag":
             from dataclasses import asdict
 
-            return dict(method="asag", asag=asdict(self.config(method)))
+            # The scales the steps used: with the automatic scale (scale None) they say which
+            # one the pipeline's CFG picked.
+            used = self.scales_used
+            return dict(method="asag", asag=asdict(self.config(method)),
+                        asag_scales_used=[round(used[0], 6), round(used[-1], 6)] if used else [])
         if method.kind == "pag":
             return dict(method="pag", pag=dict(scale=method.settings.get("scale", 3.0), layers=method.settings.get("layers", "mid")))
         return dict(method=method.kind)
@@ -94,8 +99,9 @@ class Runner:
         try:
             with torch.no_grad():
                 if method.kind == "asag":
-                    with enable(pipe, **vars(self.config(method))):
+                    with enable(pipe, **vars(self.config(method))) as guidance:
                         output = pipe(**kwargs)
+                    self.scales_used = list(guidance.scales)
                 else:
                     output = pipe(**kwargs)
         except (ValueError, TypeError) as error:  # the pipeline's own checks of its arguments

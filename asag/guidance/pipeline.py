@@ -327,6 +327,7 @@ class PipelineGuidance:
         self.denoisers = modules
         self.key = ("asag.enable", id(self))
         self.enabled = True
+        self.scales = []  # the ASAG scale of every guided denoiser call, in order (automatic or not)
         self._dispatchers: List[_Dispatcher] = []
         try:
             for module in modules:
@@ -423,7 +424,9 @@ class PipelineGuidance:
         step.w = roles.cfg_scale(frames, self.pipe, t) if step.cfg else 1.0
         handle = dispatcher.handle
         dispatcher.nested(handle.ensure_probed, *args, **kwargs)
-        call = _Call("branch", sample.shape[0], cond, uncond, step, samples=rows, coef=self.config.scale_at(progress, step.cfg) / step.w)
+        scale = self.config.scale_at(progress, step.cfg)
+        self.scales.append(scale)
+        call = _Call("branch", sample.shape[0], cond, uncond, step, samples=rows, coef=scale / step.w)
         if self.config.mode == "sequential":
             call.perturbation = self.config.perturbation(progress)
             call.args, call.kwargs = args, kwargs
