@@ -26,6 +26,7 @@ import asag
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_ops import _reset_cpu_peak, _rss_bytes, machine_description  # noqa: E402
+from bench_ops import measure as measure_bytes  # noqa: E402
 
 
 def measure(fn, device, repeats):
@@ -38,29 +39,8 @@ def measure(fn, device, repeats):
         fn()
         seconds = time.perf_counter() - t0
         return seconds, (_rss_bytes("VmHWM") - base) / 2**20 if reset else None
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = _rss_bytes("VmRSS")
-        peak = None
-        if _reset_cpu_peak():
-            fn()
-            peak = (_rss_bytes("VmHWM") - base) / 2**20
-    return sorted(times)[len(times) // 2], peak
+    seconds, peak = measure_bytes(fn, device, repeats)
+    return seconds, None if peak is None else peak / 2**20
 
 
 def run(args):
