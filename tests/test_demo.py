@@ -118,3 +118,20 @@ def test_enable_on_the_exported_pipeline_equals_guided_prediction_in_a_hand_writ
     with asag.enable(pipe, scale=scale):
         images = pipe(num_inference_steps=4, output_type="np", eta=0.0).images
     assert torch.equal(torch.from_numpy(images).permute(0, 3, 1, 2), (x / 2 + 0.5).clamp(0, 1))
+
+
+def test_asag_config_defaults_are_what_the_benchmark_chose_on_validation():
+    """ASAGConfig's defaults are copied from benchmarks/quality/results/chosen.json: they must
+    not drift apart."""
+    import json
+
+    from asag.guidance.config import AUTO_SCALE, LAM_END_RATIO, ASAGConfig
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality", "results", "chosen.json")
+    with open(path) as f:
+        chosen = json.load(f)["defaults"]
+    config = ASAGConfig()
+    assert chosen["shape"]["layers"] == 0 and config.layers == "mid"  # the first layer choice is "mid"
+    assert config.lam == chosen["shape"]["lam"] and config.iters == chosen["shape"]["iters"]
+    assert LAM_END_RATIO == chosen["shape"]["lam_end_ratio"] and config.lam_end == config.lam * LAM_END_RATIO
+    assert AUTO_SCALE == {True: chosen["with_cfg"], False: chosen["without_cfg"]}

@@ -30,6 +30,8 @@ EXPECTED = [
     ("mochi", r"transformer_blocks\..*", "joint", False, 6),
     ("mochi", r"time_embed\..*", "text", None, None),  # attention pooling of the text
     ("unet-motion", r".*motion_modules\..*", "temporal", None, None),
+    ("unet-svd", r".*temporal_transformer_blocks\..*attn1", "temporal", None, None),  # frames before channels
+    ("unet-svd", r".*\.transformer_blocks\..*attn1", "self", None, None),
     ("timm-eva", r"model\.blocks\..*", "joint", True, 1),  # the class token is not an image token
     ("timm-rope", r"model\.blocks\..*", "joint", True, 1),
 ]

@@ -387,6 +387,25 @@ def unet_motion():
     return model, inputs
 
 
+@family("unet-svd")
+def unet_svd():
+    # Stable Video Diffusion: sample is (b, 3 frames, 8 channels, h, w), frames before channels
+    # (AnimateDiff has them after); temporal_transformer_blocks attend across the 3 frames.
+    torch.manual_seed(0)
+    model = diffusers.UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=32,
+        num_attention_heads=(4, 8), projection_class_embeddings_input_dim=96, addition_time_embed_dim=32,
+    )
+
+    def inputs(b):
+        return dict(sample=_randn(b, 3, 8, 4, 4), timestep=torch.tensor([10.0] * b),
+                    encoder_hidden_states=_randn(b, 1, 32, seed=1), added_time_ids=_randn(b, 3, seed=2))
+
+    return model, inputs
+
+
 NEW_FAMILIES = [name for name in FAMILIES if name not in _BEFORE]
 
 

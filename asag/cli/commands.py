@@ -12,17 +12,14 @@ from .options import MethodSpec, convert, parse_method
 from .session import Session, prompt_entries
 
 
-def _progress(total: int, desc: str, enabled: bool = True):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: plain lines
-        tqdm = None
-    if tqdm is None or not enabled:
-        return None
-    return tqdm(total=total, desc=desc, unit="image")
+def progress(total: int, desc: str, **options):
+    """A progress bar over images (tqdm comes with diffusers)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="image", **options)
 
 
-def _short(text, width=40):
+def short(text, width=40):
     text = "" if text is None else str(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -35,18 +32,14 @@ def generate(args) -> List[str]:
     session.runner.check(method)
     paths = []
     entries = prompt_entries(args.prompt)
-    bar = _progress(len(entries) * len(args.seeds), "asag generate")
+    bar = progress(len(entries) * len(args.seeds), "asag generate")
     for p, entry in enumerate(entries):
         for seed in args.seeds:
             path = os.path.join(args.out, f"{p:03d}-seed{seed}.png")
-            meta = session.make(method, entry, seed, path)
+            session.make(method, entry, seed, path)
             paths.append(path)
-            if bar:
-                bar.update()
-            else:
-                print(f"{path} ({meta['seconds']:.1f}s)")
-    if bar:
-        bar.close()
+            bar.update()
+    bar.close()
     print(f"wrote {len(paths)} image(s) to {os.path.abspath(args.out)} (settings in each PNG: asag generate --reproduce FILE)")
     return paths
 
@@ -59,12 +52,10 @@ def reproduce(args) -> List[str]:
     args.model = args.model or meta["model"]
     args.dtype = meta.get("dtype", "auto")
     session = Session(args, quiet=not args.step_progress)
-    session.kwargs = {}
     call = dict(meta["call"])
     entry = dict(prompt=call.pop("prompt", None), negative_prompt=call.pop("negative_prompt", None))
     labels = call.pop("class_labels", None)
     entry["label"] = labels[0] if labels else None
-    call.pop("pag_scale", None)
     session.kwargs = call
     method = MethodSpec(meta["method"], {}, meta.get("label", meta["method"]))
     if meta["method"] == "asag":
@@ -77,7 +68,7 @@ def reproduce(args) -> List[str]:
     return [path]
 
 
-def _methods(args, session) -> List[MethodSpec]:
+def methods_of(args, session) -> List[MethodSpec]:
     methods = [parse_method(m, session.runner.base) for m in args.method] if args.method else default_methods(session.runner)
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
@@ -99,10 +90,10 @@ def _time_table(times: Dict[str, List[float]]) -> str:
 
 def compare(args) -> Dict:
     session = Session(args, quiet=not args.step_progress)
-    methods = _methods(args, session)
+    methods = methods_of(args, session)
     entries = prompt_entries(args.prompt)
     columns = [(p, entry, seed) for p, entry in enumerate(entries) for seed in args.seeds]
-    bar = _progress(len(methods) * len(columns), "asag compare")
+    bar = progress(len(methods) * len(columns), "asag compare")
     cells, times = [], {}
     for method in methods:
         row = []
@@ -111,14 +102,12 @@ def compare(args) -> Dict:
             meta = session.make(method, entry, seed, path)
             row.append(meta["picture"])
             times.setdefault(method.label, []).append(meta["seconds"])
-            if bar:
-                bar.update()
+            bar.update()
         cells.append(row)
-    if bar:
-        bar.close()
-    column_labels = [f"seed {seed}" if len(entries) == 1 else f"{_short(entry['prompt'], 60)} (seed {seed})"
+    bar.close()
+    column_labels = [f"seed {seed}" if len(entries) == 1 else f"{short(entry['prompt'], 60)} (seed {seed})"
                      for p, entry, seed in columns]
-    title = _short(entries[0]["prompt"], 120) if len(entries) == 1 and entries[0]["prompt"] else type(session.pipe).__name__
+    title = short(entries[0]["prompt"], 120) if len(entries) == 1 and entries[0]["prompt"] else type(session.pipe).__name__
     picture = grid(cells, [m.label for m in methods], column_labels, cell=args.cell, title=title)
     os.makedirs(args.out, exist_ok=True)
     grid_path = os.path.join(args.out, "compare.png")
@@ -149,23 +138,20 @@ def sweep(args) -> Dict:
     if row_name == col_name:
         raise CLIError(f"--vary names {row_name} twice")
     entry = prompt_entries([args.prompt] if args.prompt else None)[0]
-    bar = _progress(len(row_values) * len(col_values), "asag sweep")
+    methods = [[MethodSpec("asag", {row_name: r, **({col_name: c} if col_name else {})},
+                           f"asag:{row_name}={r_text}" + (f",{col_name}={c_text}" if col_name else ""))
+                for c_text, c in col_values] for r_text, r in row_values]
+    for method in (m for row in methods for m in row):  # every cell's settings, before any image
+        session.runner.check(method)
+    bar = progress(len(row_values) * len(col_values), "asag sweep")
     cells = []
-    for r_text, r in row_values:
-        row = []
-        for c_text, c in col_values:
-            settings = {row_name: r, **({col_name: c} if col_name else {})}
-            label = f"{row_name}={r_text}" + (f",{col_name}={c_text}" if col_name else "")
-            method = MethodSpec("asag", settings, "asag:" + label)
-            session.runner.check(method)
-            path = os.path.join(args.out, f"{method.slug}.png")
-            row.append(session.make(method, entry, args.seed, path)["picture"])
-            if bar:
-                bar.update()
-        cells.append(row)
-    if bar:
-        bar.close()
-    title = f"{_short(entry['prompt'], 80) + ', ' if entry['prompt'] else ''}seed {args.seed}"
+    for row in methods:
+        cells.append([])
+        for method in row:
+            cells[-1].append(session.make(method, entry, args.seed, os.path.join(args.out, f"{method.slug}.png"))["picture"])
+            bar.update()
+    bar.close()
+    title = f"{short(entry['prompt'], 80) + ', ' if entry['prompt'] else ''}seed {args.seed}"
     column_labels = [f"{col_name} = {c}" for c, _ in col_values] if col_name else [""]
     picture = grid(cells, [f"{row_name} = {r}" for r, _ in row_values], column_labels, cell=args.cell, title=title)
     os.makedirs(args.out, exist_ok=True)

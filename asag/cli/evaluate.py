@@ -21,8 +21,7 @@ import torch
 
 from .images import grid, read_metadata
 from .loading import CLIError, default_device
-from .methods import default_methods
-from .options import parse_method
+from .commands import methods_of, progress, short
 from .session import Session, prompt_entries
 
 RUN_FILE = "run.json"
@@ -117,15 +116,13 @@ def _load_rgb(paths: List[str]) -> torch.Tensor:
     """uint8 (N, 3, H, W) of images (the middle frame of videos), resized to the first's size."""
     from PIL import Image
 
-    from .images import first_frame
-
     images, size = [], None
     for path in paths:
         with Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 image.seek(frames // 2)
-            picture = first_frame(image).convert("RGB")
+            picture = image.convert("RGB")
             size = size or picture.size
             images.append(torch.from_numpy(np.array(picture.resize(size))).permute(2, 0, 1))
     return torch.stack(images)
@@ -176,15 +173,20 @@ def _inception(images: torch.Tensor) -> torch.Tensor:
         ) from None
 
 
-def clip_score(images: torch.Tensor, prompts: List[str], model_path: str) -> float:
-    """Mean CLIP score, 100 max(cos(image, text), 0), as torchmetrics defines it, with a CLIP
-    model from a local folder (transformers CLIPModel + CLIPProcessor)."""
+def load_clip(model_path: str):
+    """(CLIPModel, CLIPProcessor) from a local folder (transformers, save_pretrained)."""
     from transformers import CLIPModel, CLIPProcessor
 
     if not os.path.isdir(model_path):
         raise CLIError(f"--clip-model {model_path}: no such folder (a CLIP model saved with save_pretrained)")
-    model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval()
-    processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+    return (CLIPModel.from_pretrained(model_path, local_files_only=True).eval(),
+            CLIPProcessor.from_pretrained(model_path, local_files_only=True))
+
+
+def clip_score(images: torch.Tensor, prompts: List[str], clip) -> float:
+    """Mean CLIP score, 100 max(cos(image, text), 0), as torchmetrics defines it; ``clip`` is
+    a local model folder or what :func:`load_clip` returned."""
+    model, processor = load_clip(clip) if isinstance(clip, str) else clip
     scores = []
     with torch.no_grad():
         for start in range(0, len(prompts), 32):
@@ -209,18 +211,20 @@ def reference_paths(folder: str) -> List[str]:
     return paths
 
 
-def metrics(paths: List[str], metas: List[Dict], args, reference_features=None) -> Dict:
+def metrics(paths: List[str], metas: List[Dict], args, clip=None, extract=None, reference_features=None) -> Dict:
+    """One method's row: ``clip`` from :func:`load_clip`, ``extract`` from
+    :func:`feature_extractor` (both loaded once for all methods)."""
     from ..demo.metrics import fid, precision_recall
 
     result = dict(images=len(paths), seconds_per_image=statistics.mean(m["seconds"] for m in metas))
     images = _load_rgb(paths)
-    if args.clip_model:
+    if clip is not None:
         prompts = [m["call"].get("prompt") for m in metas]
         if any(p is None for p in prompts):
             raise CLIError("--clip-model needs prompts: the samples have none")
-        result["clip_score"] = clip_score(images, prompts, args.clip_model)
+        result["clip_score"] = clip_score(images, prompts, clip)
     if reference_features is not None:
-        features = feature_extractor(args.features)(images).double()
+        features = extract(images).double()
         result["fid"] = fid(reference_features, features)
         result["precision"], result["recall"] = precision_recall(reference_features, features, k=args.k)
     return result
@@ -261,9 +265,7 @@ def _evaluate(args, world: World) -> Optional[Dict]:
     else:
         entries = prompt_entries(args.prompt)
     session = Session(args, device=world.device(args.device), quiet=not (args.step_progress and main))
-    methods = [parse_method(m, session.runner.base) for m in args.method] if args.method else default_methods(session.runner)
-    for method in methods:
-        session.runner.check(method)
+    methods = methods_of(args, session)
     settings = _settings(args, session, methods, entries)
     if main:
         _check_run_file(args.out, settings)
@@ -278,10 +280,8 @@ def _evaluate(args, world: World) -> Optional[Dict]:
     todo = [item for item in mine if not _done(path_of(*item), sample_seed(args.seed, item[1], entries[item[1]], item[2]))]
     bar = None
     if todo and (args.progress == "all" or (args.progress == "rank0" and main)):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"asag evaluate [rank {world.rank}/{world.size}]",
-                   unit="image", position=world.rank if args.progress == "all" else 0)
+        bar = progress(len(mine), f"asag evaluate [rank {world.rank}/{world.size}]", initial=len(mine) - len(todo),
+                       position=world.rank if args.progress == "all" else 0)
     for method, p, i in todo:
         session.make(method, entries[p], sample_seed(args.seed, p, entries[p], i), path_of(method, p, i))
         if bar:
@@ -300,14 +300,14 @@ def _done(path: str, seed: int) -> bool:
 
 
 def _report(args, methods, entries, items, path_of) -> Dict:
-    reference = None
-    if args.reference:
-        reference = feature_extractor(args.features)(_load_rgb(reference_paths(args.reference))).double()
+    clip = load_clip(args.clip_model) if args.clip_model else None
+    extract = feature_extractor(args.features) if args.reference else None
+    reference = extract(_load_rgb(reference_paths(args.reference))).double() if args.reference else None
     rows = []
     for method in methods:
         paths = [path_of(m, p, i) for m, p, i in items if m is method]
         metas = [read_metadata(path) for path in paths]
-        rows.append(dict(method=method.label, **metrics(paths, metas, args, reference)))
+        rows.append(dict(method=method.label, **metrics(paths, metas, args, clip, extract, reference)))
     columns = ["method", "images", "seconds_per_image"] + [c for c in ("clip_score", "fid", "precision", "recall") if c in rows[0]]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -341,8 +341,7 @@ def _picture(path):
 def _column_label(entries, p, i):
     entry = entries[p]
     what = entry["prompt"] if entry["prompt"] is not None else (f"label {entry['label']}" if entry["label"] is not None else "")
-    what = what if len(what) <= 40 else what[:39] + "…"
-    return f"{what} #{i}".strip()
+    return f"{short(what)} #{i}".strip()
 
 
 def _fmt(value):

@@ -11,15 +11,13 @@ import os
 
 def export_pipeline(folder: str) -> str:
     """A ``DDIMPipeline`` with the shipped UNet and the demo's sampler, saved in ``folder``."""
-    from diffusers import DDIMPipeline, DDIMScheduler
+    from diffusers import DDIMPipeline
 
     from . import models
-    from .sampling import TRAIN_STEPS
+    from .sampling import make_sampler
 
     unet, _ = models.load("unet")
-    scheduler = DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", clip_sample=True,
-                              set_alpha_to_one=True, timestep_spacing="trailing")
-    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    DDIMPipeline(unet=unet, scheduler=make_sampler(1)).save_pretrained(folder)  # the pipeline sets its own steps
     return folder
 
 
@@ -27,10 +25,10 @@ def export_reference(folder: str) -> str:
     """The test half of the held-out digits, 8x8 grayscale PNGs."""
     from PIL import Image
 
-    from . import data
+    from . import data, models
 
     os.makedirs(folder, exist_ok=True)
-    _, (images, labels) = data.held_out_splits(0)
+    _, (images, labels) = data.held_out_splits(models.load("dit")[1]["seed"])  # the split the benchmark uses
     pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
     for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
         Image.fromarray(image, mode="L").save(os.path.join(folder, f"{i:04d}-digit{label}.png"))

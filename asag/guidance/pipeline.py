@@ -21,6 +21,7 @@ pipeline's differences between them are unchanged. Outside the interval, or with
 call is left entirely alone: images are bit-identical to the plain pipeline's.
 """
 
+import collections
 import re
 import threading
 import weakref
@@ -327,7 +328,8 @@ class PipelineGuidance:
         self.denoisers = modules
         self.key = ("asag.enable", id(self))
         self.enabled = True
-        self.scales = []  # the ASAG scale of every guided denoiser call, in order (automatic or not)
+        # The ASAG scale of the latest guided denoiser calls, in order (automatic or not).
+        self.scales = collections.deque(maxlen=4096)
         self._dispatchers: List[_Dispatcher] = []
         try:
             for module in modules:

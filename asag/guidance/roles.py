@@ -119,14 +119,15 @@ def _row_in(row: torch.Tensor, refs: list) -> bool:
     for ref in refs:
         if ref.dim() == 0 or ref.dtype.is_floating_point != row.dtype.is_floating_point:
             continue
-        ref_rows = ref.to(device=row.device, dtype=row.dtype).reshape(ref.shape[0], -1)
+        ref = ref.to(device=row.device, dtype=row.dtype)  # once: both matches below read it
+        ref_rows = ref.reshape(ref.shape[0], -1)
         if ref_rows.shape[1] == row.numel():
             flat = row.reshape(-1)
             if any(torch.equal(flat, r) for r in ref_rows):
                 return True
         elif row.dim() >= 2 and ref.dim() == row.dim() and ref.shape[2:] == row.shape[1:] and ref.shape[1] < row.shape[0]:
             n = ref.shape[1]
-            for r in ref.to(device=row.device, dtype=row.dtype):
+            for r in ref:
                 if torch.equal(row[:n], r) or torch.equal(row[-n:], r):
                     return True
     return False

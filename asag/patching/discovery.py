@@ -131,9 +131,16 @@ def _rule_text(layer, call, q_len, k_len, rows, ctx):
 
 
 def _rule_temporal(layer, call, q_len, k_len, rows, ctx):
+    # A video sample is (B, C, F, H, W) (AnimateDiff, most video UNets) or (B, F, C, H, W)
+    # (Stable Video Diffusion): the frame count is one of dims 1 and 2. Attention across frames
+    # has the frames as tokens and one sequence per pixel (batch B * pixels); spatial attention
+    # has one sequence per frame (batch B * F), so its batch names a frame count instead.
     shape = ctx.sample_shape
-    q_batch = call.sdpa[0].q_shape[0]
-    if shape is not None and len(shape) == 5 and q_len == shape[2] and q_batch > shape[0]:
+    if shape is None or len(shape) != 5:
+        return False
+    q_batch, frame_dims = call.sdpa[0].q_shape[0], (shape[1], shape[2])
+    sequences = q_batch // shape[0] if q_batch % shape[0] == 0 else None
+    if q_len in frame_dims and q_batch > shape[0] and sequences not in frame_dims:
         layer.kind, layer.rule = "temporal", "attention across the frames of a video"
         return True
     return False

@@ -73,7 +73,6 @@ class Family:
     name: str
     fixed: Dict = field(default_factory=dict)
     knobs: Dict[str, Callable[[float], object]] = field(default_factory=dict)
-    ablation: bool = False
 
     def settings(self, point: List[float]) -> Dict:
         """The knob values at a point of the unit cube (layers as an index into LAYERS)."""
@@ -99,11 +98,11 @@ FAMILIES = [
     Family("ASAG", dict(variant="sinkhorn", lam_schedule="cosine"),
            dict(scale=SCALE, layers=LAYER_INDEX, lam=LAM, lam_end_ratio=choice([0.1, 0.25, 0.5]), iters=ITERS)),
     Family("ASAG w/o Sinkhorn (noise)", dict(variant="noise", iters=0, lam_schedule="constant"),
-           dict(scale=SCALE, layers=LAYER_INDEX, lam=log_range(0.1, 4.0)), ablation=True),
+           dict(scale=SCALE, layers=LAYER_INDEX, lam=log_range(0.1, 4.0))),
     Family("ASAG w/o adversarial cost", dict(variant="sinkhorn", lam=0.0, lam_end=0.0),
-           dict(scale=SCALE, layers=LAYER_INDEX, iters=ITERS), ablation=True),
+           dict(scale=SCALE, layers=LAYER_INDEX, iters=ITERS)),
     Family("ASAG w/o adaptive schedule", dict(variant="sinkhorn", lam_schedule="constant"),
-           dict(scale=SCALE, layers=LAYER_INDEX, lam=LAM, iters=ITERS), ablation=True),
+           dict(scale=SCALE, layers=LAYER_INDEX, lam=LAM, iters=ITERS)),
 ]
 FAMILY = {f.name: f for f in FAMILIES}
 
